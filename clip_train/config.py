@@ -1,0 +1,227 @@
+"""Typed training config: one dataclass per component, strict YAML, dotted overrides, validation.
+
+Precedence is defaults < YAML file < command-line ``key=value`` pairs. Unknown keys are errors that
+name the key and list the valid ones; cross-field rules are checked once, in ``Config.validate``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to change."""
+
+
+def option(default: Any, help: str):
+    """A dataclass field with a one-line description (shown by ``clip-train --print-config``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("demo-tiny", "open_clip model name, a model bundled here (demo-tiny), or a model config file (.json/.yaml)")
+    pretrained: str = option("", "local path to pretrained weights (.safetensors/.pt); never a hub download")
+    max_logit_scale: float = option(100.0, "clamp for the learned logit scale (exp of the inverse temperature)")
+    init_logit_bias: float = option(-10.0, "initial logit bias for the sigmoid loss (as SigLIP)")
+
+
+@dataclass
+class DataConfig:
+    train: str = option("", "training shards: a directory, a brace pattern, or several joined with '::'")
+    batch_size: int = option(64, "per-process batch size")
+    workers: int = option(1, "data loader worker processes (0 reads in the main process)")
+    shuffle_buffer: int = option(1000, "sample shuffle buffer size")
+    resampled: bool = option(False, "sample shards with replacement (infinite stream) instead of epochs over the shards")
+    train_num_samples: int = option(0, "samples per epoch; 0 reads it from sizes.json next to the shards")
+    augment: bool = option(True, "random-resized-crop augmentation on training images")
+    image_key: str = option("jpg;png;jpeg;webp", "shard member extensions read as the image (first match)")
+    text_key: str = option("txt", "shard member extension read as the caption")
+
+
+@dataclass
+class LossConfig:
+    kind: str = option("softmax", "contrastive loss: softmax (CLIP InfoNCE) or sigmoid (SigLIP)")
+    tile_size: int = option(1024, "tile edge for the tiled loss; memory grows with tile_size², not batch²")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(5e-4, "peak learning rate")
+    weight_decay: float = option(0.2, "AdamW weight decay (not applied to gains, biases or the logit scale and bias)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    warmup_steps: int = option(100, "linear warmup steps before the cosine decay")
+    min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this value; 0 disables")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(1, "passes over train_num_samples")
+    max_steps: int = option(0, "stop after this many optimizer steps; 0 means epochs decide")
+    seed: int = option(0, "random seed (model init, shuffling, augmentation)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = option(0, "torch intra-op threads on CPU; 0 keeps torch's default")
+    log_every: int = option(10, "write metrics every N steps")
+    save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: str = option("", "zero-shot classification set evaluated during and after training ('' to skip)")
+    retrieval: str = option("", "retrieval set evaluated after training ('' to skip)")
+    every: int = option(0, "run the zero-shot eval every N steps (0: only at the end)")
+    batch_size: int = option(256, "eval batch size")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = option("runs/default", "run directory: metrics.jsonl, checkpoints/, export/")
+
+    def validate(self) -> "Config":
+        """Cross-field rules, each with a message that says what to change."""
+        rules = [
+            (self.loss.kind in ("softmax", "sigmoid"), f"loss.kind={self.loss.kind!r}: use softmax or sigmoid"),
+            (self.loss.tile_size > 0, "loss.tile_size must be positive"),
+            (self.data.batch_size >= 2, "data.batch_size must be >= 2: a contrastive batch needs negatives"),
+            (self.data.workers >= 0, "data.workers must be >= 0"),
+            (self.train.epochs > 0 or self.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
+            (self.optim.lr > 0, "optim.lr must be positive"),
+            (0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr must lie between 0 and optim.lr"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.model.max_logit_scale > 1, "model.max_logit_scale must be > 1"),
+            (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.max_steps <= 0),
+             "data.resampled=true streams forever: set data.train_num_samples or train.max_steps"),
+            (self.output_dir != "", "output_dir must not be empty"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Check a YAML/CLI value against the annotated type; ints are accepted where floats are."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        choices = typing.get_args(expected)
+        if value is None and type(None) in choices:
+            return None
+        expected = next(c for c in choices if c is not type(None))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if expected in (int, float, str, bool) and not (isinstance(value, expected) and
+                                                    (expected is bool or not isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a nested dict, refusing unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r}; valid keys under "
+                              f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, expected, prefix + key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=1e-3`` -> (["optim", "lr"], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads '1e-3' as a string (no dot); accept it as the float it clearly is.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") and value.strip() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_nested(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < YAML file < overrides, then ``validate``."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_nested(tree, key, value)
+    return _build(Config, tree).validate()
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, each field followed by its description."""
+    lines: list[str] = []
+
+    def emit(obj, indent: int) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            pad = "  " * indent
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:")
+                emit(value, indent + 1)
+            else:
+                rendered = yaml.safe_dump(value, default_flow_style=True).strip()
+                rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
+                lines.append(f"{pad}{f.name}: {rendered}  # {f.metadata.get('help', '')}")
+
+    emit(config, 0)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""The training data path: shards -> split by node and worker -> shuffle -> decode -> batch dict.
+
+Only the configured image and text members of a sample are decoded (with PIL and UTF-8): pickled
+members such as ``.pyd`` are never unpickled. A sample that fails to read or decode is skipped and
+counted; every batch carries the number of samples its worker skipped since the previous batch.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from .shards import DataError, count_samples, expand_shards
+
+log = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Counts samples dropped by a webdataset handler in this worker; warns for the first few."""
+
+    def __init__(self, warn_first: int = 5):
+        self.skipped = 0
+        self.reported = 0
+        self.warn_first = warn_first
+
+    def handler(self, exn: Exception) -> bool:
+        self.skipped += 1
+        if self.skipped <= self.warn_first:
+            log.warning("skipping a bad sample (%s: %s)", type(exn).__name__, exn)
+        return True  # keep going
+
+    def take(self) -> int:
+        """Skips since the previous call."""
+        delta, self.reported = self.skipped - self.reported, self.skipped
+        return delta
+
+
+class SampleDecoder:
+    """Turn a raw webdataset sample into ``(image_tensor, caption)``."""
+
+    def __init__(self, image_exts: list[str], text_ext: str, transform: Callable):
+        self.image_exts = image_exts
+        self.text_ext = text_ext
+        self.transform = transform
+
+    def __call__(self, sample: dict):
+        key = sample.get("__key__", "?")
+        image_bytes = next((sample[e] for e in self.image_exts if e in sample), None)
+        if image_bytes is None:
+            raise ValueError(f"sample {key} has no image member ({', '.join(self.image_exts)})")
+        if self.text_ext not in sample:
+            raise ValueError(f"sample {key} has no .{self.text_ext} caption")
+        with Image.open(io.BytesIO(image_bytes)) as img:
+            image = self.transform(img.convert("RGB"))
+        caption = sample[self.text_ext].decode("utf-8").strip()
+        if not caption:
+            raise ValueError(f"sample {key} has an empty caption")
+        return image, caption
+
+
+class Collate:
+    """Stack images, tokenize captions, attach the worker's skip count."""
+
+    def __init__(self, tokenizer: Callable, counter: SkipCounter):
+        self.tokenizer = tokenizer
+        self.counter = counter
+
+    def __call__(self, samples: list) -> dict:
+        images, captions = zip(*samples)
+        return {"image": torch.stack(images), "text": self.tokenizer(list(captions)),
+                "skipped": self.counter.take()}
+
+
+@dataclass
+class TrainData:
+    loader: wds.WebLoader
+    num_samples: int
+    batches_per_epoch: int  # per rank; every rank runs this many steps
+
+
+def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool) -> int:
+    """Each rank and worker reads disjoint shards; return a worker count that keeps them all busy."""
+    if resampled:
+        return workers
+    if len(urls) < world_size:
+        raise DataError(f"{len(urls)} shard(s) cannot be split over {world_size} ranks: set data.resampled=true "
+                        f"or reshard with a smaller --samples-per-shard")
+    usable = max(1, len(urls) // world_size)
+    if workers > usable:
+        log.warning("data.workers=%d but only %d shard(s) per rank: using %d worker(s)", workers, usable, usable)
+        return usable
+    return workers
+
+
+def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int,
+                     rank: int = 0, world_size: int = 1) -> TrainData:
+    """``cfg`` is the ``DataConfig``. An epoch is ``train_num_samples`` (or the shards' total) samples."""
+    urls = expand_shards(cfg.train)
+    num_samples = cfg.train_num_samples or count_samples(urls)
+    if not num_samples:
+        raise DataError("cannot tell the dataset size: no sizes.json next to the shards; set data.train_num_samples")
+    global_batch = cfg.batch_size * world_size
+    batches = num_samples // global_batch
+    if batches == 0:
+        raise DataError(f"{num_samples} samples give no full batch of {cfg.batch_size} x {world_size} ranks: "
+                        f"lower data.batch_size")
+    workers = _check_split(urls, cfg.workers, world_size, cfg.resampled)
+    counter = SkipCounter()
+    if cfg.resampled:
+        source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        source = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),
+                  wds.split_by_node, wds.split_by_worker]
+    pipeline = wds.DataPipeline(
+        *source,
+        wds.tarfile_to_samples(handler=counter.handler),
+        wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=seed + rank),
+        wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, transform), handler=counter.handler),
+        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, counter), partial=False),
+    ).with_epoch(nbatches=math.ceil(batches / max(1, workers)))
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                           persistent_workers=workers > 0)
+    return TrainData(loader, num_samples, batches)

@@ -1,0 +1,1 @@
+"""Training engine: the Trainer (``engine.trainer``), checkpoints, distributed setup, metrics."""

@@ -1,0 +1,61 @@
+"""Zero-shot classification of an in-memory open_clip-style model (`encode_image`, `encode_text`)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from clip_train.eval import metrics
+from clip_train.eval.loading import EvalError
+
+
+def autocast_context(device, amp: bool):
+    """Mixed precision on the device's autocast type when asked, a no-op otherwise."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type)
+
+
+def fill_template(template: str, classname: str) -> str:
+    # str.replace rather than str.format: a template may hold other braces (e.g. JSON-ish text)
+    return template.replace("{c}", classname)
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device, amp=False):
+    """Classifier (D, C): column c is the normalised mean of the normalised embeddings of
+    class c's prompts. Prompts are encoded one class at a time, as CLIP_benchmark does."""
+    columns = []
+    for classname in classnames:
+        tokens = tokenizer([fill_template(t, classname) for t in templates]).to(device)
+        with autocast_context(device, amp):
+            embeddings = model.encode_text(tokens)
+        columns.append(metrics.class_embedding(embeddings))
+    return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def classify(model, classifier: torch.Tensor, dataloader: Iterable, device, amp=False):
+    """(logits (N, C), targets (N,)) for every image of the loader, on the CPU."""
+    all_logits, all_targets = [], []
+    for images, targets in dataloader:
+        with autocast_context(device, amp):
+            image_features = model.encode_image(images.to(device))
+        all_logits.append(metrics.classification_logits(image_features, classifier).cpu())
+        all_targets.append(torch.as_tensor(targets).cpu())
+    if not all_logits:
+        raise EvalError("the classification dataset yielded no samples")
+    return torch.cat(all_logits), torch.cat(all_targets)
+
+
+def zeroshot_classification(model, tokenizer, dataloader, classnames, templates, device, amp=False) -> dict:
+    """acc1, acc5 (None with fewer than 5 classes) and mean_per_class_recall over the loader."""
+    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, amp=amp)
+    logits, targets = classify(model, classifier, dataloader, device, amp=amp)
+    out_of_range = (targets < 0) | (targets >= len(classnames))
+    if out_of_range.any():
+        raise EvalError(
+            f"class index {int(targets[out_of_range][0])} out of range for {len(classnames)} class names"
+        )
+    return metrics.classification_metrics(logits, targets)

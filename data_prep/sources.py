@@ -1,0 +1,233 @@
+"""Input sources for `clip-prep shard`: a folder with sidecar captions, a CSV/TSV, or a JSONL.
+
+Each source validates what it can up front (columns, file type) and raises `SourceError`
+with one clear sentence; then it yields `SourceItem`s lazily, in a deterministic order, so
+huge inputs never need to fit in memory.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from clip_train.registry import Registry
+from data_prep.samples import Rejection, SourceItem
+
+CAPTION_SUFFIX = ".txt"
+
+
+class SourceError(ValueError):
+    """The input cannot be read as asked; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the inputs are and how to read them."""
+
+    input: Path
+    path_column: str = "filepath"
+    caption_column: str = "caption"
+    # The output folder, skipped when scanning an input folder that contains it.
+    exclude: Path | None = None
+
+
+SourceFn = Callable[[SourceSpec], Iterator[SourceItem]]
+SOURCES: Registry[SourceFn] = Registry("prep source")
+_SUFFIX_TO_SOURCE = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+
+
+def source_kind(input_path: Path) -> str:
+    """The registered source name for an input path."""
+    if input_path.is_dir():
+        return "folder"
+    kind = _SUFFIX_TO_SOURCE.get(input_path.suffix.lower())
+    if kind is None:
+        raise SourceError(
+            f"unsupported INPUT type {input_path.name!r}: expected a folder, a .csv, a .tsv or a .jsonl file"
+        )
+    return kind
+
+
+def open_source(spec: SourceSpec) -> tuple[str, Iterator[SourceItem]]:
+    """Validate the input and return (source kind, lazy iterator of items)."""
+    if not spec.input.exists():
+        raise SourceError(f"INPUT {str(spec.input)!r} does not exist")
+    kind = source_kind(spec.input)
+    return kind, SOURCES.get(kind)(spec)
+
+
+# ---------------------------------------------------------------- folder of files + .txt
+
+
+def _is_inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+def list_folder_files(root: Path, exclude: Path | None) -> list[Path]:
+    """All regular files under root, sorted by relative path so the order is reproducible."""
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not _is_inside((Path(folder) / d).resolve(), exclude)]
+        found.extend(Path(folder) / name for name in files)
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def read_sidecar_caption(path: Path) -> str:
+    return path.read_bytes().decode("utf-8-sig")
+
+
+def _is_caption_file(path: Path) -> bool:
+    return path.suffix.lower() == CAPTION_SUFFIX
+
+
+@SOURCES.register("folder")
+def folder_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    """Every file that is not a caption sidecar is an input; its caption is STEM.txt beside it.
+
+    A .txt with no media file of the same stem is an input too (rejected as missing_image),
+    so that nothing in the folder is dropped without a trace.
+    """
+    files = list_folder_files(spec.input, spec.exclude)
+    captions = {path.with_suffix(""): path for path in files if _is_caption_file(path)}
+    media_stems = {path.with_suffix("") for path in files if not _is_caption_file(path)}
+    inputs = [path for path in files if not _is_caption_file(path) or path.with_suffix("") not in media_stems]
+    return _folder_items(inputs, captions)
+
+
+def _folder_items(inputs: list[Path], captions: dict[Path, Path]) -> Iterator[SourceItem]:
+    for index, path in enumerate(inputs):
+        if _is_caption_file(path):
+            orphan = Rejection("missing_image", "caption file with no media file of the same stem")
+            yield SourceItem(index, str(path), path, None, orphan)
+            continue
+        caption_path = captions.get(path.with_suffix(""))
+        try:
+            caption = read_sidecar_caption(caption_path) if caption_path is not None else None
+        except (OSError, UnicodeDecodeError) as error:
+            bad_caption = Rejection("unreadable_caption", f"{caption_path}: {error}")
+            yield SourceItem(index, str(path), path, None, bad_caption)
+            continue
+        yield SourceItem(index, str(path), path, caption)
+
+
+# ---------------------------------------------------------------- CSV / TSV
+
+
+def _missing_column_error(input_path: Path, column: str, flag: str, present: list[str]) -> SourceError:
+    listed = ", ".join(repr(name) for name in present) or "(none)"
+    return SourceError(f"column {column!r} (from {flag}) not found in {input_path.name}; columns present: {listed}")
+
+
+def _check_columns(spec: SourceSpec, present: list[str]) -> None:
+    for column, flag in ((spec.path_column, "--path-column"), (spec.caption_column, "--caption-column")):
+        if column not in present:
+            raise _missing_column_error(spec.input, column, flag, present)
+
+
+def resolve_media_path(cell: str, base_folder: Path) -> Path:
+    """Relative paths in a table are relative to the table's own folder, not the cwd."""
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else base_folder / path
+
+
+def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) -> SourceItem:
+    """One CSV row or JSONL object -> SourceItem; bad cells become rejections."""
+    cell = record.get(spec.path_column)
+    caption = record.get(spec.caption_column)
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return SourceItem(index, where, None, None, Rejection("missing_path", f"{where}: no {spec.path_column!r} value"))
+    if not isinstance(cell, str) or not (caption is None or isinstance(caption, str)):
+        detail = f"{where}: {spec.path_column!r} and {spec.caption_column!r} must be strings"
+        return SourceItem(index, str(cell), None, None, Rejection("invalid_record", detail))
+    return SourceItem(index, cell, resolve_media_path(cell, spec.input.parent), caption)
+
+
+def _read_header(spec: SourceSpec, delimiter: str) -> list[str]:
+    with open(spec.input, newline="", encoding="utf-8-sig") as table:
+        return next(csv.reader(table, delimiter=delimiter), [])
+
+
+def table_source(spec: SourceSpec, delimiter: str) -> Iterator[SourceItem]:
+    try:
+        header = _read_header(spec, delimiter)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise SourceError(f"cannot read {spec.input}: {error}") from None
+    _check_columns(spec, header)
+    return _table_items(spec, delimiter)
+
+
+def _table_items(spec: SourceSpec, delimiter: str) -> Iterator[SourceItem]:
+    # Long captions are legitimate; the csv module's default 128 KiB field limit is not.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(spec.input, newline="", encoding="utf-8-sig") as table:
+        reader = csv.DictReader(table, delimiter=delimiter)
+        try:
+            for index, row in enumerate(reader):
+                yield _item_from_record(index, row, spec, f"{spec.input.name}:{reader.line_num}")
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise SourceError(f"{spec.input} line {reader.line_num}: {error}") from None
+
+
+@SOURCES.register("csv")
+def csv_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    return table_source(spec, ",")
+
+
+@SOURCES.register("tsv")
+def tsv_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    return table_source(spec, "\t")
+
+
+# ---------------------------------------------------------------- JSONL
+
+
+def _first_record_keys(input_path: Path) -> list[str] | None:
+    """Keys of the first JSON object in the file (None when it has no object at all)."""
+    with open(input_path, encoding="utf-8-sig") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                return list(record)
+    return None
+
+
+@SOURCES.register("jsonl")
+def jsonl_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    """One JSON object per line. Columns are checked against the first object; a later line
+    that lacks a key, or is not JSON, is rejected on its own without stopping the run."""
+    try:
+        keys = _first_record_keys(spec.input)
+    except (OSError, UnicodeDecodeError) as error:
+        raise SourceError(f"cannot read {spec.input}: {error}") from None
+    if keys is not None:
+        _check_columns(spec, keys)
+    return _jsonl_items(spec)
+
+
+def _jsonl_items(spec: SourceSpec) -> Iterator[SourceItem]:
+    index = 0
+    with open(spec.input, encoding="utf-8-sig") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # blank lines are layout, not records
+            where = f"{spec.input.name}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                record = error
+            if isinstance(record, dict):
+                yield _item_from_record(index, record, spec, where)
+            else:
+                detail = f"{where}: not a JSON object ({record})"
+                yield SourceItem(index, where, None, None, Rejection("invalid_record", detail))
+            index += 1

@@ -1,0 +1,20 @@
+"""Shared fixtures."""
+import pytest
+
+
+@pytest.fixture
+def reference_accuracy(monkeypatch):
+    """CLIP_benchmark's zero-shot classification module, with its numpy-2 bug patched.
+
+    clip-benchmark 1.6.2's ``accuracy`` calls float() on a one-element array (an error under numpy 2);
+    this is the same formula with ``.item()``. Our harness does not inherit the bug.
+    """
+    from clip_benchmark.metrics import zeroshot_classification as reference
+
+    def accuracy(output, target, topk=(1,)):
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() / len(target) for k in topk]
+
+    monkeypatch.setattr(reference, "accuracy", accuracy)
+    return reference

@@ -1,0 +1,233 @@
+"""Ring-distributed tiled losses under real gloo process groups (world sizes 1, 2, 4).
+
+One spawned job per world size runs every scenario (both losses, even and uneven
+per-rank sizes, open_clip under gloo, a non-contiguous subgroup) and saves the results;
+the parent recomputes single-process references and asserts.  A failed or hung child
+fails the test (join timeout, exit codes, traceback file).
+"""
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clip_train.losses import (
+    naive_sigmoid_contrastive_loss,
+    naive_softmax_contrastive_loss,
+    sigmoid_contrastive_loss,
+    softmax_contrastive_loss,
+)
+
+D = 8
+TILE = 5  # divides none of the per-rank sizes below
+JOB_TIMEOUT_S = 120
+
+
+def uneven_sizes(world):
+    return [5, 9, 3, 7][:world] if world > 1 else [5]
+
+
+def make_batch(n, seed):
+    """Deterministic float64 full batch shared by parent and children."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)
+    return a, b, torch.tensor(6.0, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64)
+
+
+def run_loss(kind, a, b, s, t, **kw):
+    """Loss + gradients (features, scale[, bias]) of one of our losses or a reference."""
+    leaves = [x.clone().requires_grad_() for x in (a, b, s, t)]
+    a, b, s, t = leaves
+    if kind == "softmax":
+        loss, metrics = softmax_contrastive_loss(a, b, s, **kw)
+    elif kind == "sigmoid":
+        loss, metrics = sigmoid_contrastive_loss(a, b, s, t, **kw)
+    elif kind == "naive_softmax":
+        loss, metrics = naive_softmax_contrastive_loss(a, b, s)
+    else:
+        loss, metrics = naive_sigmoid_contrastive_loss(a, b, s, t)
+    loss.backward()
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+    return {"loss": loss.detach(), "grads": grads, "metrics": metrics}
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss.py`` loaded on its own: importing the ``open_clip`` package pulls
+    in timm/torchvision (~8 s per process); ``loss.py`` itself only needs torch."""
+    import importlib.util
+    import sys
+
+    if "open_clip.loss" in sys.modules:
+        return sys.modules["open_clip.loss"]
+    pkg_dir = os.path.dirname(importlib.util.find_spec("open_clip").origin)
+    spec = importlib.util.spec_from_file_location("_open_clip_loss", os.path.join(pkg_dir, "loss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_open_clip(kind, a, b, s, t, rank, world):
+    ocl = open_clip_loss_module()
+    a, b, s, t = [x.clone().requires_grad_() for x in (a, b, s, t)]
+    if kind == "softmax":
+        fn = ocl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        loss = fn(a, b, s)
+    else:
+        loss = ocl.SigLipLoss(rank=rank, world_size=world)(a, b, s, t)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": [x.grad if x.grad is not None else torch.zeros_like(x) for x in (a, b, s, t)]}
+
+
+def rows(sizes, rank):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def child_scenarios(rank, world):
+    """Everything a rank computes; keys are (name, kind)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, sizes in (("even", [6] * world), ("uneven", uneven_sizes(world))):
+        a, b, s, t = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
+        sl = rows(sizes, rank)
+        for kind in ("softmax", "sigmoid"):
+            out[(name, kind)] = run_loss(kind, a[sl], b[sl], s, t, tile_size=TILE)
+            if name == "even":
+                out[("open_clip", kind)] = run_open_clip(kind, a[sl], b[sl], s, t, rank, world)
+    if world == 4:  # non-contiguous subgroups {0, 2} and {1, 3}: P2P peers are global ranks
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        sizes = [4, 7]
+        a, b, s, t = make_batch(sum(sizes), seed=99 + rank % 2)
+        sl = rows(sizes, rank // 2)
+        for kind in ("softmax", "sigmoid"):
+            out[("subgroup", kind)] = run_loss(kind, a[sl], b[sl], s, t, tile_size=3, group=groups[rank % 2])
+    return out
+
+
+def _worker(rank, world, port, outdir):
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        torch.save(child_scenarios(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_job(world, outdir):
+    """Run ``_worker`` on ``world`` gloo ranks; return the per-rank result dicts."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(outdir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOB_TIMEOUT_S)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join(5)
+    errors = [f.read_text() for f in sorted(outdir.glob("error*.txt"))]
+    assert not hung, f"{len(hung)} of {world} ranks hung past {JOB_TIMEOUT_S}s\n" + "\n".join(errors)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"exit codes {codes}\n" + "\n".join(errors)
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
+def job(request, tmp_path_factory):
+    world = request.param
+    return world, spawn_job(world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+def close(x, y, msg):
+    torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=msg)
+
+
+def check_convention(results, key, sizes, full_batch, kind):
+    """mean_r loss == full loss; feature grads == W x full grads of the rank's rows;
+    mean_r scale/bias grads == full ones."""
+    world = len(results)
+    ref = run_loss("naive_" + kind, *full_batch)
+    per_rank = [res[key] for res in results]
+    close(torch.stack([r["loss"] for r in per_rank]).mean(), ref["loss"], f"{key} loss")
+    for rank, r in enumerate(per_rank):
+        sl = rows(sizes, rank)
+        for i, name in enumerate(("image", "text")):
+            close(r["grads"][i], world * ref["grads"][i][sl], f"{key} rank{rank} {name} grad")
+    n_scalars = 2 if kind == "sigmoid" else 1
+    for i in range(2, 2 + n_scalars):
+        mean_grad = torch.stack([r["grads"][i] for r in per_rank]).mean()
+        close(mean_grad, ref["grads"][i], f"{key} scalar grad {i}")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("name", ["even", "uneven"])
+def test_ring_matches_full_batch(job, kind, name):
+    world, results = job
+    sizes = [6] * world if name == "even" else uneven_sizes(world)
+    full = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
+    check_convention(results, (name, kind), sizes, full, kind)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_ring_matches_open_clip_under_gloo(job, kind):
+    """Same per-rank loss and feature grads as open_clip (ClipLoss(local_loss,
+    gather_with_grad) / SigLipLoss bidir) on equal-size ranks; same mean scale/bias grads
+    (and, for the sigmoid loss, the same per-rank ones: both are d L_r / d(s, t))."""
+    world, results = job
+    for rank, res in enumerate(results):
+        ours, ref = res[("even", kind)], res[("open_clip", kind)]
+        close(ours["loss"], ref["loss"], f"rank{rank} loss")
+        n = 4 if kind == "sigmoid" else 2
+        for i in range(n):
+            close(ours["grads"][i], ref["grads"][i], f"rank{rank} grad {i}")
+    for i in range(2, 4 if kind == "sigmoid" else 3):
+        ours_mean = torch.stack([res[("even", kind)]["grads"][i] for res in results]).mean()
+        ref_mean = torch.stack([res[("open_clip", kind)]["grads"][i] for res in results]).mean()
+        close(ours_mean, ref_mean, f"mean scalar grad {i}")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_ring_on_subgroup(job, kind):
+    world, results = job
+    if world != 4:
+        pytest.skip("subgroups are exercised in the 4-rank job")
+    sizes = [4, 7]
+    for parity in (0, 1):
+        members = [results[parity], results[parity + 2]]
+        full = make_batch(sum(sizes), seed=99 + parity)
+        check_convention(members, ("subgroup", kind), sizes, full, kind)
+
+
+def test_metrics_are_per_rank_rows(job):
+    """pos/neg logit means over a rank's rows; rank-size-weighted they give the global ones."""
+    world, results = job
+    sizes = uneven_sizes(world)
+    full = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
+    B = sum(sizes)
+    for kind in ("softmax", "sigmoid"):
+        ref = run_loss("naive_" + kind, *full)["metrics"]
+        ms = [res[("uneven", kind)]["metrics"] for res in results]
+        pos = sum(m["pos_logit_mean"] * n for m, n in zip(ms, sizes)) / B
+        neg = sum(m["neg_logit_mean"] * n * (B - 1) for m, n in zip(ms, sizes)) / (B * (B - 1))
+        close(pos, ref["pos_logit_mean"], f"{kind} pos")
+        close(neg, ref["neg_logit_mean"], f"{kind} neg")
