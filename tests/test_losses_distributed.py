@@ -38,7 +38,7 @@ def make_batch(n, seed):
     return a, b, torch.tensor(6.0, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64)
 
 
-def run_loss(kind, a, b, s, t, **kw):
+def run_loss(kind, a, b, s, t, grad_out=1.0, **kw):
     """Loss + gradients (features, scale[, bias]) of one of our losses or a reference."""
     leaves = [x.clone().requires_grad_() for x in (a, b, s, t)]
     a, b, s, t = leaves
@@ -50,7 +50,7 @@ def run_loss(kind, a, b, s, t, **kw):
         loss, metrics = naive_softmax_contrastive_loss(a, b, s)
     else:
         loss, metrics = naive_sigmoid_contrastive_loss(a, b, s, t)
-    loss.backward()
+    (loss * grad_out).backward()
     grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
     return {"loss": loss.detach(), "grads": grads, "metrics": metrics}
 
@@ -99,6 +99,9 @@ def child_scenarios(rank, world):
             out[(name, kind)] = run_loss(kind, a[sl], b[sl], s, t, tile_size=TILE)
             if name == "even":
                 out[("open_clip", kind)] = run_open_clip(kind, a[sl], b[sl], s, t, rank, world)
+        # Rank-dependent incoming gradients: backward of (rank + 1) * L_r on every rank.
+        for kind in ("softmax", "sigmoid") if name == "uneven" else ():
+            out[("weighted", kind)] = run_loss(kind, a[sl], b[sl], s, t, tile_size=TILE, grad_out=rank + 1.0)
     if world == 4:  # non-contiguous subgroups {0, 2} and {1, 3}: P2P peers are global ranks
         groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         sizes = [4, 7]
@@ -231,3 +234,35 @@ def test_metrics_are_per_rank_rows(job):
         neg = sum(m["neg_logit_mean"] * n * (B - 1) for m, n in zip(ms, sizes)) / (B * (B - 1))
         close(pos, ref["pos_logit_mean"], f"{kind} pos")
         close(neg, ref["neg_logit_mean"], f"{kind} neg")
+
+
+def per_rank_losses(kind, a, b, s, t, sizes):
+    """Full-matrix L_r of every rank (the decomposition documented in the loss modules)."""
+    B, W = sum(sizes), len(sizes)
+    S = s * a @ b.T
+    if kind == "softmax":
+        terms = (S.logsumexp(1) - S.diagonal()) + (S.logsumexp(0) - S.diagonal())
+        weight = W / (2.0 * B)
+    else:
+        terms = torch.nn.functional.softplus(S + t).sum(1) - (S.diagonal() + t)
+        weight = W / B
+    return [weight * terms[rows(sizes, r)].sum() for r in range(W)]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_ring_with_rank_dependent_grad_outputs(job, kind):
+    """Backward of sum_r (r + 1) L_r: column gradients must use the owner's weight."""
+    world, results = job
+    sizes = uneven_sizes(world)
+    leaves = [x.clone().requires_grad_() for x in make_batch(sum(sizes), seed=len(sizes) + sum(sizes))]
+    losses = per_rank_losses(kind, *leaves, sizes)
+    sum((r + 1.0) * loss for r, loss in enumerate(losses)).backward()
+    for rank, res in enumerate(results):
+        ours = res[("weighted", kind)]
+        close(ours["loss"], losses[rank].detach(), f"rank{rank} loss")
+        for i in range(2):
+            close(ours["grads"][i], leaves[i].grad[rows(sizes, rank)], f"rank{rank} grad {i}")
+    n = 4 if kind == "sigmoid" else 3
+    for i in range(2, n):
+        total = torch.stack([res[("weighted", kind)]["grads"][i] for res in results]).sum()
+        close(total, leaves[i].grad, f"summed scalar grad {i}")

@@ -1,0 +1,4 @@
+"""Multi-node launch for clip-train: a hostfile or SLURM allocation becomes a deepspeed/torchrun command."""
+from .hostfile import LaunchError
+
+__all__ = ["LaunchError"]

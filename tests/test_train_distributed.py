@@ -1,0 +1,85 @@
+"""The trainer under two real gloo processes: DDP + the ring loss give the single-process update."""
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clip_train.config import load_config
+from data_prep.cli import main as prep_main
+
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+GLOBAL_BATCH = 8
+CAPTIONS = [f"a handwritten digit {i}" for i in range(GLOBAL_BATCH)]
+
+
+def make_config(demo: Path, run: Path, kind: str):
+    return load_config(DEMO_CONFIG, [f"data.train={demo}/train", f"output_dir={run}", "data.workers=0",
+                                     "data.batch_size=4", f"loss.kind={kind}", "loss.tile_size=3",
+                                     "eval.zeroshot=", "eval.retrieval="])
+
+
+def fixed_batch(tokenizer):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator), tokenizer(CAPTIONS)
+
+
+def gradients_after_one_backward(cfg, rows: slice):
+    from clip_train.engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    images, text = fixed_batch(trainer.built.tokenizer)
+    _, metrics = trainer.forward_backward({"image": images[rows], "text": text[rows]})
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
+    return metrics["loss"], grads
+
+
+def _worker(rank, world, port, demo, run, kind, outdir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        per_rank = GLOBAL_BATCH // world
+        result = gradients_after_one_backward(make_config(demo, run, kind),
+                                              slice(rank * per_rank, (rank + 1) * per_rank))
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    except Exception:
+        Path(outdir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "demo"
+    assert prep_main(["demo", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_two_rank_gradients_equal_single_process(demo, tmp_path, kind):
+    single_loss, single_grads = gradients_after_one_backward(make_config(demo, tmp_path / "single", kind),
+                                                             slice(0, GLOBAL_BATCH))
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, demo, tmp_path / "dist", kind, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    errors = [f.read_text() for f in tmp_path.glob("*.err")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs)
+    for rank in range(2):
+        loss, grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert loss == pytest.approx(single_loss, rel=1e-5)  # the logged loss is the full-batch loss
+        for name, grad in single_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
