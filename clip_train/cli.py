@@ -36,8 +36,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .models import export_open_clip
 
     path = ckpt.resolve_checkpoint(Path(args.run), args.checkpoint)
-    state, info = ckpt.load_checkpoint(path)
-    out = export_open_clip(state["model"], info["model_cfg"], info["preprocess_cfg"], args.out or Path(args.run) / "export")
+    info = ckpt.read_model_info(path)
+    out = export_open_clip(ckpt.read_weights(path), info["model_cfg"], info["preprocess_cfg"],
+                           args.out or Path(args.run) / "export")
     print(f"exported {path} -> {out}")
     return 0
 
@@ -63,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("clip_train").setLevel(logging.INFO)
     from .data import DataError
     from .engine.checkpoint import CheckpointError, RunDirError
+    from .engine.trainer import TrainingError
     from .models.builder import ModelError
 
     exporting = bool(argv) and argv[0] == "export"
     parser = _export_parser() if exporting else _train_parser()
-    args = parser.parse_args(argv[1:] if exporting else argv)
+    # Intermixed: overrides may come before or after the flags (clip-train --overwrite a=1 --resume latest b=2).
+    args = parser.parse_intermixed_args(argv[1:] if exporting else argv)
     try:
         return run_export(args) if exporting else run_train(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, RunDirError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError, RunDirError, TrainingError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
 

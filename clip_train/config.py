@@ -32,6 +32,7 @@ class ModelConfig:
     pretrained: str = option("", "local path to pretrained weights (.safetensors/.pt); never a hub download")
     max_logit_scale: float = option(100.0, "clamp for the learned logit scale (exp of the inverse temperature)")
     init_logit_bias: float = option(-10.0, "initial logit bias for the sigmoid loss (as SigLIP)")
+    grad_checkpointing: bool = option(False, "activation (gradient) checkpointing in both towers: less memory, ~30% more compute")
 
 
 @dataclass
@@ -75,6 +76,20 @@ class TrainConfig:
     log_every: int = option(10, "write metrics every N steps")
     save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+    accum_steps: int = option(1, "GradCache: micro-batches per step; the contrastive batch is batch_size x accum_steps x world size")
+    max_nonfinite: int = option(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
+    dist_timeout_s: int = option(600, "timeout of collectives: a dead rank ends the job instead of hanging it")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = option(0, "ZeRO stage 0-3 (1: optimizer states, 2: + gradients, 3: + parameters partitioned)")
+    precision: str = option("fp32", "fp32, bf16, or fp16 (with dynamic loss scaling)")
+    config_file: str = option("", "a raw ds_config JSON merged over the generated one (its keys win)")
+    reduce_bucket_size: int = option(500_000_000, "ZeRO reduce bucket size (elements)")
+    allgather_bucket_size: int = option(500_000_000, "ZeRO-1/2 all-gather bucket size (elements)")
+    overlap_comm: bool = option(False, "overlap ZeRO gradient reduction with the backward pass")
+    initial_scale_power: int = option(16, "fp16: initial loss scale is 2**this")
 
 
 @dataclass
@@ -93,6 +108,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = option("runs/default", "run directory: metrics.jsonl, checkpoints/, export/")
 
     def validate(self) -> "Config":
@@ -110,6 +126,12 @@ class Config:
             (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.max_steps <= 0),
              "data.resampled=true streams forever: set data.train_num_samples or train.max_steps"),
             (self.output_dir != "", "output_dir must not be empty"),
+            (self.ds.zero_stage in (0, 1, 2, 3), f"ds.zero_stage={self.ds.zero_stage}: use 0, 1, 2 or 3"),
+            (self.ds.precision in ("fp32", "bf16", "fp16"), f"ds.precision={self.ds.precision!r}: use fp32, bf16 or fp16"),
+            (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+            (self.train.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
+            (not (self.ds.config_file and not Path(self.ds.config_file).is_file()),
+             f"ds.config_file not found: {self.ds.config_file}"),
         ]
         for ok, message in rules:
             if not ok:

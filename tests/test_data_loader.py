@@ -92,7 +92,7 @@ def test_batches_decode_skip_and_never_unpickle(tmp_path, tiny):
     cfg.shuffle_buffer = 1  # keep shard order inside each shard, so both bad samples come before the last good one
     data = build_train_data(cfg, tiny.train_transform, tiny.tokenizer, seed=0)
     assert data.num_samples == 18 and data.batches_per_epoch == 4
-    batches = list(data.loader)
+    batches = list(data.epoch_batches(0))
     # 16 good samples make the epoch's 4 full batches; the 2 bad ones are counted, not fatal.
     assert len(batches) == 4
     assert all(b["image"].shape == (4, 3, 32, 32) and b["text"].shape == (4, 16) for b in batches)
@@ -106,7 +106,7 @@ def test_epoch_has_the_same_number_of_batches_even_when_samples_are_bad(tmp_path
     # so every rank and worker runs the same number of steps.
     root = write_shards(tmp_path, 1, 10, bad={0, 1, 2, 3})
     data = build_train_data(data_cfg(root), tiny.eval_transform, tiny.tokenizer, seed=0)
-    assert data.batches_per_epoch == 2 and len(list(data.loader)) == 2
+    assert data.batches_per_epoch == 2 and len(list(data.epoch_batches(0))) == 2
 
 
 def test_epoch_reshuffles_deterministically(tmp_path, tiny):
@@ -115,7 +115,7 @@ def test_epoch_reshuffles_deterministically(tmp_path, tiny):
 
     def epochs():
         data = build_train_data(data_cfg(root), tiny.eval_transform, tok, seed=3)
-        return [[b["text"][:, 2].tolist() for b in data.loader] for _ in range(2)]
+        return [[b["text"][:, 2].tolist() for b in data.epoch_batches(epoch)] for epoch in range(2)]
 
     first, second = epochs(), epochs()
     assert first == second                  # same seed, same order
@@ -132,5 +132,21 @@ def test_workers_read_disjoint_shards(tmp_path, tiny):
     root = write_shards(tmp_path, 2, 4)
     cfg = DataConfig(train=str(root), batch_size=2, workers=2, shuffle_buffer=1)
     data = build_train_data(cfg, tiny.eval_transform, tiny.tokenizer, seed=0)
-    seen = [tuple(t[1:4].tolist()) for b in data.loader for t in b["text"]]
+    seen = [tuple(t[1:4].tolist()) for b in data.epoch_batches(0) for t in b["text"]]
     assert len(seen) == 8 and len(set(seen)) == 8  # every sample exactly once across both workers
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fast_forward_gives_the_rest_of_the_same_epoch(tmp_path, tiny, workers):
+    # A resumed run skips the batches it already trained on; what follows must be what an
+    # uninterrupted run would have read, augmentation included (seeded by epoch and rank).
+    root = write_shards(tmp_path, 1, 24)
+    cfg = DataConfig(train=str(root), batch_size=4, workers=workers, shuffle_buffer=8)
+    transform = tiny.train_transform if workers else tiny.eval_transform
+    data = build_train_data(cfg, transform, tiny.tokenizer, seed=5)
+    full = list(data.epoch_batches(2))
+    rest = list(data.epoch_batches(2, skip=4))
+    assert len(full) == 6 and len(rest) == 2
+    for a, b in zip(full[4:], rest):
+        assert torch.equal(a["text"], b["text"]) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(full[0]["text"], list(data.epoch_batches(3))[0]["text"])

@@ -34,39 +34,42 @@ def test_weight_decay_skips_gains_biases_and_logit_scale():
     assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
 
 
-def test_checkpoint_round_trip_with_rng_and_weights_only(tmp_path):
-    model = torch.nn.Linear(3, 2)
+def fake_checkpoint(run_dir, step, keep=2):
+    """What every rank writes, then rank 0's commit."""
+    tmp = ckpt.partial_dir(run_dir, step)
+    tmp.mkdir(parents=True)
+    ckpt.write_rank_state(tmp, 0)
+    ckpt.write_weights(tmp, {"w": torch.full((2, 2), float(step))})
+    return ckpt.commit(run_dir, step, {"model_cfg": {"step": step}}, keep=keep)
+
+
+def test_rng_state_round_trips_through_weights_only_files(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    state = {"model": model.state_dict(), "step": 7, "epoch": 1, "rng": ckpt.rng_state()}
+    ckpt.write_rank_state(tmp_path, 3)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    path = ckpt.save_checkpoint(tmp_path, 7, state, {"model_cfg": {"a": 1}}, keep=2)
-    loaded, info = ckpt.load_checkpoint(path)
-    assert info == {"model_cfg": {"a": 1}} and loaded["step"] == 7
-    assert torch.equal(loaded["model"]["weight"], model.weight)
-    ckpt.set_rng_state(loaded["rng"])
+    ckpt.set_rng_state(ckpt.read_rank_state(tmp_path, 3))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_latest_ignores_partial_writes_and_prunes(tmp_path):
+def test_commit_renames_complete_checkpoints_and_prunes(tmp_path):
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, {"step": step}, {}, keep=2)
-    (tmp_path / "checkpoints" / ".partial-xyz").mkdir()          # a save killed half-way
-    (tmp_path / "checkpoints" / "step_00000009").mkdir()         # a directory without state.pt
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / ".partial-step_00000004").mkdir()  # a save killed half-way
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()            # a directory without its marker
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
-    assert ckpt.resolve_checkpoint(tmp_path, "latest").name == "step_00000003"
+    latest = ckpt.resolve_checkpoint(tmp_path, "latest")
+    assert latest.name == "step_00000003" and ckpt.read_model_info(latest) == {"model_cfg": {"step": 3}}
+    assert torch.equal(ckpt.read_weights(latest)["w"], torch.full((2, 2), 3.0))
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "other", "latest")
-    with pytest.raises(ckpt.CheckpointError, match="no state.pt"):
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step_00000009"))
 
 
-def test_checkpoint_refuses_pickled_objects(tmp_path):
-    path = tmp_path / "checkpoints" / "step_00000001"
-    path.mkdir(parents=True)
-    torch.save({"evil": object()}, path / "state.pt")
-    (path / "model.json").write_text("{}")
-    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
-        ckpt.load_checkpoint(path)
+def test_rank_state_refuses_pickled_objects(tmp_path):
+    torch.save({"evil": object()}, tmp_path / "rng_rank0.pt")
+    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+        ckpt.read_rank_state(tmp_path, 0)
 
 
 @pytest.mark.parametrize("environ, expected", [
@@ -79,3 +82,30 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
 def test_launch_environment_detection(environ, expected):
     env = detect_env(environ)
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == expected
+
+
+def test_ds_config_generated_from_yaml_and_merged_with_a_raw_file(tmp_path):
+    from clip_train.config import load_config
+    from clip_train.engine.ds_setup import build_ds_config
+
+    raw = tmp_path / "ds.json"
+    raw.write_text('{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1000}, "gradient_clipping": 0.5}')
+    cfg = load_config(None, ["data.batch_size=16", "train.accum_steps=4", "ds.zero_stage=2", "ds.precision=bf16",
+                             "optim.grad_clip=2.0"])
+    generated = build_ds_config(cfg, world_size=8)
+    assert generated["train_batch_size"] == 16 * 4 * 8 and generated["gradient_accumulation_steps"] == 4
+    assert generated["zero_optimization"]["stage"] == 2 and generated["bf16"]["enabled"]
+    assert not generated["fp16"]["enabled"] and generated["gradient_clipping"] == 2.0
+    cfg = load_config(None, ["ds.precision=fp16", f"ds.config_file={raw}"])
+    merged = build_ds_config(cfg, world_size=1)
+    assert merged["zero_optimization"]["stage"] == 3                      # the raw file wins
+    assert merged["zero_optimization"]["stage3_max_live_parameters"] == 1000
+    assert merged["zero_optimization"]["contiguous_gradients"] is True     # generated keys it didn't name stay
+    assert merged["gradient_clipping"] == 0.5 and merged["fp16"]["enabled"]
+
+
+def test_ds_config_file_must_exist():
+    from clip_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="ds.config_file not found"):
+        load_config(None, ["ds.config_file=/nonexistent.json"])

@@ -32,9 +32,9 @@ def gradients_after_one_backward(cfg, rows: slice):
 
     trainer = Trainer(cfg)
     images, text = fixed_batch(trainer.built.tokenizer)
-    _, metrics = trainer.forward_backward({"image": images[rows], "text": text[rows]})
+    loss, _ = trainer.forward_backward([{"image": images[rows], "text": text[rows]}])
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
-    return metrics["loss"], grads
+    return loss, grads
 
 
 def _worker(rank, world, port, demo, run, kind, outdir):

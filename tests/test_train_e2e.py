@@ -53,7 +53,8 @@ def test_metrics_log_every_step_and_the_evals(run):
 
 def test_export_loads_in_open_clip_with_the_trained_weights(run):
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'export'}")
-    state = torch.load(run / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)["model"]
+    state = load_file(str(run / "checkpoints" / "step_00000006" / "weights.safetensors"))
+    assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run / 'export'}")
     assert model.encode_text(tokenizer(["the digit seven"])).shape == (1, 64)

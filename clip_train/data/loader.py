@@ -7,10 +7,11 @@ counted; every batch carries the number of samples its worker skipped since the 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -79,9 +80,48 @@ class Collate:
 
 @dataclass
 class TrainData:
-    loader: wds.WebLoader
+    """An epoch is ``batches_per_epoch`` batches on every rank, in an order fixed by (seed, epoch, rank)."""
+
+    cfg: object  # DataConfig
+    urls: list[str]
+    transform: Callable
+    tokenizer: Callable
+    seed: int
+    rank: int
+    workers: int
     num_samples: int
-    batches_per_epoch: int  # per rank; every rank runs this many steps
+    batches_per_epoch: int
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """The batches of ``epoch``, after the first ``skip`` (a resumed run fast-forwards to its position).
+
+        Every shuffle and the workers' augmentation seeds derive from (seed, epoch, rank), so an
+        epoch reads the same batches whether or not the run was interrupted.
+        """
+        epoch_seed = self.seed * 1_000_003 + epoch
+        loader = wds.WebLoader(self._pipeline(epoch_seed), batch_size=None, shuffle=False, num_workers=self.workers,
+                               generator=torch.Generator().manual_seed(epoch_seed * 1009 + self.rank))
+        batches = iter(loader)
+        for _ in itertools.islice(batches, skip):  # eagerly, so the caller can restore RNG state afterwards
+            pass
+        return itertools.islice(batches, self.batches_per_epoch - skip)
+
+    def _pipeline(self, epoch_seed: int) -> wds.DataPipeline:
+        cfg, counter = self.cfg, SkipCounter()
+        if cfg.resampled:
+            source = [wds.ResampledShards(self.urls, seed=epoch_seed, deterministic=True)]
+        else:
+            source = [wds.SimpleShardList(self.urls),
+                      wds.detshuffle(bufsize=len(self.urls), initial=len(self.urls), seed=epoch_seed),
+                      wds.split_by_node, wds.split_by_worker]
+        return wds.DataPipeline(
+            *source,
+            wds.tarfile_to_samples(handler=counter.handler),
+            wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
+                           seed=epoch_seed + 7919 * self.rank),
+            wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, self.transform), handler=counter.handler),
+            wds.batched(cfg.batch_size, collation_fn=Collate(self.tokenizer, counter), partial=False),
+        ).with_epoch(nbatches=math.ceil(self.batches_per_epoch / max(1, self.workers)))
 
 
 def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool) -> int:
@@ -105,25 +145,9 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
     num_samples = cfg.train_num_samples or count_samples(urls)
     if not num_samples:
         raise DataError("cannot tell the dataset size: no sizes.json next to the shards; set data.train_num_samples")
-    global_batch = cfg.batch_size * world_size
-    batches = num_samples // global_batch
+    batches = num_samples // (cfg.batch_size * world_size)
     if batches == 0:
         raise DataError(f"{num_samples} samples give no full batch of {cfg.batch_size} x {world_size} ranks: "
                         f"lower data.batch_size")
     workers = _check_split(urls, cfg.workers, world_size, cfg.resampled)
-    counter = SkipCounter()
-    if cfg.resampled:
-        source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        source = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),
-                  wds.split_by_node, wds.split_by_worker]
-    pipeline = wds.DataPipeline(
-        *source,
-        wds.tarfile_to_samples(handler=counter.handler),
-        wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=seed + rank),
-        wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, transform), handler=counter.handler),
-        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, counter), partial=False),
-    ).with_epoch(nbatches=math.ceil(batches / max(1, workers)))
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=workers > 0)
-    return TrainData(loader, num_samples, batches)
+    return TrainData(cfg, urls, transform, tokenizer, seed, rank, workers, num_samples, batches)

@@ -1,8 +1,12 @@
-"""Resumable checkpoints: ``RUN/checkpoints/step_XXXXXXXX/{state.pt,model.json}``, written atomically.
+"""Resumable checkpoints: ``RUN/checkpoints/step_XXXXXXXX/``, written atomically by all ranks together.
 
-A checkpoint directory is first written under a temporary name and renamed into place once complete,
-so a run killed while saving never leaves a directory named ``step_*`` that is partial. ``state.pt``
-holds only tensors and plain Python values and is loaded with ``weights_only=True``.
+Layout of one checkpoint: ``ds/`` (DeepSpeed's model, optimizer and scheduler states, ZeRO partitions
+included), ``rng_rank{R}.pt`` (every rank's random state), ``weights.safetensors`` (the full fp32
+weights; absent for ZeRO-3, whose weights are consolidated from ``ds/`` at export) and
+``model.json`` (model + preprocess config). Everything is first written under ``.partial-step_X``
+and renamed into place once complete, so a run killed while saving never leaves a ``step_*``
+directory that is partial. Our own files are loaded with ``weights_only=True`` or safetensors;
+``ds/`` is DeepSpeed's format, read by DeepSpeed (it unpickles: resume only from runs you made).
 """
 from __future__ import annotations
 
@@ -12,13 +16,15 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+DS_TAG = "ds"
+COMPLETE_MARKER = "model.json"  # written last, just before the rename
 
 
 class CheckpointError(ValueError):
@@ -50,14 +56,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, model_info: dict, keep: int) -> Path:
-    """Write ``state`` (+ the model/preprocess config as JSON) and prune to the ``keep`` newest."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "model.json").write_text(json.dumps(model_info, indent=2))
+def partial_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f".partial-step_{step:08d}"
+
+
+def final_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def write_rank_state(directory: Path, rank: int) -> None:
+    torch.save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
+
+
+def read_rank_state(directory: Path, rank: int) -> dict:
+    return _load_weights_only(Path(directory) / f"rng_rank{rank}.pt")
+
+
+def write_weights(directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in state_dict.items()},
+              str(Path(directory) / "weights.safetensors"))
+
+
+def commit(run_dir: Path, step: int, model_info: dict, keep: int) -> Path:
+    """Rank 0, after every rank wrote its part: mark complete, rename into place, prune old ones."""
+    tmp, final = partial_dir(run_dir, step), final_dir(run_dir, step)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(model_info, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -71,7 +94,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE_MARKER).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -83,16 +106,32 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
             raise CheckpointError(f"no checkpoint to resume in {Path(run_dir) / 'checkpoints'}")
         return found[-1]
     path = Path(which)
-    if not (path / "state.pt").is_file():
-        raise CheckpointError(f"not a checkpoint directory (no state.pt): {which}")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"not a complete checkpoint directory (no {COMPLETE_MARKER}): {which}")
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """Return ``(state, model_info)``; never unpickles arbitrary objects."""
+def read_model_info(path: Path) -> dict:
     try:
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
-        model_info = json.loads((Path(path) / "model.json").read_text())
+        return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {Path(path) / COMPLETE_MARKER}: {err}") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint; ZeRO-3 partitions are consolidated by DeepSpeed's tool."""
+    path = Path(path)
+    if (path / "weights.safetensors").is_file():
+        return load_file(str(path / "weights.safetensors"))
+    if not (path / DS_TAG).is_dir():
+        raise CheckpointError(f"checkpoint {path} holds neither weights.safetensors nor a DeepSpeed state")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+
+
+def _load_weights_only(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-    return state, model_info
+        raise CheckpointError(f"cannot read {path}: {str(err).splitlines()[0]}") from None

@@ -1,7 +1,6 @@
 """Launch-environment detection and process-group setup (torchrun, the deepspeed launcher, SLURM, none)."""
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
@@ -44,25 +43,20 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device(requested)
 
 
-def init_process_group(env: DistEnv, device: torch.device, timeout_s: int = 600) -> None:
-    """gloo on CPU, NCCL on GPU; a finite timeout so a dead rank ends the job instead of hanging it."""
-    if not env.distributed or dist.is_initialized():
-        return
-    if env.launcher == "slurm":
-        os.environ.setdefault("RANK", str(env.rank))
-        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-
-
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (ranks must take the same branch)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+    return flag

@@ -1,0 +1,93 @@
+"""DeepSpeed: the ds_config generated from our YAML, process-group setup, and ``deepspeed.initialize``."""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from .distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def build_ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed config for ``cfg`` (a ``Config``), with ``ds.config_file`` merged over it."""
+    ds = cfg.ds
+    micro, accum = cfg.data.batch_size, cfg.train.accum_steps
+    zero = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size, "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": True}
+    generated = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": ds.initial_scale_power},
+        # We pass a torch AdamW: ZeRO works with it, and it avoids compiling DeepSpeed's fused Adam on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log our own metrics
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file:
+        generated = deep_merge(generated, json.loads(Path(ds.config_file).read_text()))
+    return generated
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None:
+    """Start the process group DeepSpeed needs, also for a single process without a launcher."""
+    import deepspeed
+
+    init_method = None
+    if env.launcher == "none":
+        # No launcher: a one-process group on a free local port, passed explicitly rather than through
+        # MASTER_PORT so that processes this one starts (tests, tools) don't inherit a port in use.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    elif env.launcher == "slurm":
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
+        for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+            os.environ.setdefault(name, str(value))  # srun sets only SLURM_*
+    if device.type == "cpu":
+        # DeepSpeed compiles a shared-memory all-reduce op for CPU (about a minute) that only its
+        # inference path uses; training on CPU goes through gloo, so skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s), init_method=init_method,
+                               rank=env.rank, world_size=env.world_size)
+
+
+def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+    """``deepspeed.initialize`` with our optimizer and schedule; logs the resolved config."""
+    import deepspeed
+
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
+    return engine, ds_optimizer, ds_scheduler
