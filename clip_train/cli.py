@@ -48,10 +48,19 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .engine.trainer import Trainer
+    from .engine.trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    results = trainer.train()
+    try:
+        results = trainer.train()
+    except RuntimeError as err:
+        if not trainer.env.distributed or isinstance(err, TrainingError):
+            raise
+        # A peer that died surfaces as a failed collective (connection reset, timeout): say so in one line.
+        print(f"clip-train: error: rank {trainer.env.rank}: a collective operation failed, most likely because "
+              f"another rank died (see its log); resume with --resume latest. ({str(err).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return 1
     if results and trainer.env.is_main:
         print("final evaluation: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return 0

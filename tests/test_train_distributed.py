@@ -83,3 +83,32 @@ def test_two_rank_gradients_equal_single_process(demo, tmp_path, kind):
         assert loss == pytest.approx(single_loss, rel=1e-5)  # the logged loss is the full-batch loss
         for name, grad in single_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    port, run = free_port(), tmp_path / "run"
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo}/train",
+             f"output_dir={run}", "data.workers=0", "data.batch_size=16", "train.max_steps=1000", "train.log_every=1",
+             "train.dist_timeout_s=30", "eval.zeroshot=", "eval.retrieval="],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    procs[1].kill()
+    killed_at = time.time()
+    code = procs[0].wait(timeout=120)  # a hang would time out here
+    assert code == 1 and time.time() - killed_at < 90
+    last_line = procs[0].stderr.read().decode().strip().splitlines()[-1]
+    assert last_line.startswith("clip-train: error: rank 0: a collective operation failed")

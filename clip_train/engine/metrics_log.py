@@ -23,8 +23,11 @@ class MetricsLog:
 
 
 def _plain(value):
+    """Tensors become numbers; NaN and infinity become null, so every line is valid JSON."""
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
