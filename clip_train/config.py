@@ -82,6 +82,19 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    terms: dict[str, float] = option({"contrastive": 1.0}, "weighted loss terms: contrastive, caption, intra_image, "
+                                     "intra_text, embed_dropout, uniformity, alignment, dcl, hard_negative (0 or absent: off)")
+    intra_temperature: float = option(0.1, "temperature of the intra-modal NT-Xent terms (intra_image, intra_text, embed_dropout)")
+    text_word_dropout: float = option(0.1, "intra_text: word-deletion probability for the two caption views")
+    embed_dropout_p: float = option(0.1, "embed_dropout: dropout rate of the two embedding views (as MERL)")
+    uniformity_t: float = option(2.0, "uniformity: t in log E exp(-t |x - y|^2)")
+    alignment_alpha: float = option(2.0, "alignment: the exponent alpha in E |a - b|^alpha")
+    hard_negative_beta: float = option(0.5, "hard_negative: beta of exp(beta s_ij), both directions (0: plain InfoNCE)")
+    hard_negative_alpha: float = option(1.0, "hard_negative: weight of the positive in the denominator (0: decoupled)")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = option(0, "ZeRO stage 0-3 (1: optimizer states, 2: + gradients, 3: + parameters partitioned)")
     precision: str = option("fp32", "fp32, bf16, or fp16 (with dynamic loss scaling)")
@@ -109,6 +122,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     output_dir: str = option("runs/default", "run directory: metrics.jsonl, checkpoints/, export/")
 
     def validate(self) -> "Config":
@@ -130,6 +144,9 @@ class Config:
             (self.ds.precision in ("fp32", "bf16", "fp16"), f"ds.precision={self.ds.precision!r}: use fp32, bf16 or fp16"),
             (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
             (self.train.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
+            (any(w > 0 for w in self.objective.terms.values()),
+             "objective.terms has no term with a positive weight: set e.g. objective.terms.contrastive=1"),
+            (all(w >= 0 for w in self.objective.terms.values()), "objective.terms weights must be >= 0"),
             (not (self.ds.config_file and not Path(self.ds.config_file).is_file()),
              f"ds.config_file not found: {self.ds.config_file}"),
         ]
@@ -151,6 +168,8 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         if value is None and type(None) in choices:
             return None
         expected = next(c for c in choices if c is not type(None))
+    if origin is dict or typing.get_origin(expected) is dict:
+        return _coerce_mapping(value, expected, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -159,6 +178,14 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
                                                     (expected is bool or not isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
     return value
+
+
+def _coerce_mapping(value: Any, expected: Any, key: str) -> dict:
+    """A ``dict[str, float]`` field such as ``objective.terms`` (names are checked by its owner)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of name: value, got {value!r}")
+    _, value_type = typing.get_args(expected)
+    return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -177,6 +204,9 @@ def _build(cls, values: dict, prefix: str = ""):
             kwargs[key] = _build(expected, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, expected, prefix + key)
+            if isinstance(kwargs[key], dict):  # a mapping field: given entries update the defaults
+                default = next(f for f in dataclasses.fields(cls) if f.name == key).default_factory()
+                kwargs[key] = {**default, **kwargs[key]}
     return cls(**kwargs)
 
 
@@ -208,17 +238,37 @@ def _set_nested(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML recipe as a nested dict; a top-level ``base: other.yaml`` (relative to this file) is read
+    first and this file's keys are merged over it, so variants of a recipe name only what differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a loop")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), tree)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults < YAML file < overrides, then ``validate``."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    """Defaults < YAML file (after its ``base``) < overrides, then ``validate``."""
+    tree = read_recipe(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_nested(tree, key, value)

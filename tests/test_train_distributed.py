@@ -16,10 +16,16 @@ GLOBAL_BATCH = 8
 CAPTIONS = [f"a handwritten digit {i}" for i in range(GLOBAL_BATCH)]
 
 
-def make_config(demo: Path, run: Path, kind: str):
+PAIR_TERMS = ("objective.terms.dcl=0.5", "objective.terms.hard_negative=0.5", "objective.terms.uniformity=0.1",
+              "objective.terms.alignment=0.1")
+OBJECTIVES = {"softmax": ("loss.kind=softmax",), "sigmoid": ("loss.kind=sigmoid",),
+              "softmax+pair-terms": ("loss.kind=softmax", *PAIR_TERMS)}
+
+
+def make_config(demo: Path, run: Path, objective: str):
     return load_config(DEMO_CONFIG, [f"data.train={demo}/train", f"output_dir={run}", "data.workers=0",
-                                     "data.batch_size=4", f"loss.kind={kind}", "loss.tile_size=3",
-                                     "eval.zeroshot=", "eval.retrieval="])
+                                     "data.batch_size=4", "loss.tile_size=3", "eval.zeroshot=", "eval.retrieval=",
+                                     *OBJECTIVES[objective]])
 
 
 def fixed_batch(tokenizer):
@@ -63,7 +69,7 @@ def demo(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", list(OBJECTIVES))
 def test_two_rank_gradients_equal_single_process(demo, tmp_path, kind):
     single_loss, single_grads = gradients_after_one_backward(make_config(demo, tmp_path / "single", kind),
                                                              slice(0, GLOBAL_BATCH))

@@ -45,7 +45,8 @@ def test_metrics_log_every_step_and_the_evals(run):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for r in steps:
-        assert {"lr", "logit_scale", "samples_per_s", "pos_logit_mean", "neg_logit_mean", "skipped"} <= set(r)
+        assert {"lr", "logit_scale", "samples_per_s", "contrastive", "contrastive/pos_logit_mean",
+                "contrastive/neg_logit_mean", "skipped"} <= set(r)
         assert r["loss"] > 0 and r["skipped"] == 0
     evals = [r for r in records if "zeroshot/acc1" in r]
     assert [r["step"] for r in evals] == [3, 6] and "retrieval/image_retrieval_recall@1" in evals[-1]

@@ -59,14 +59,14 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_k(demo, tmp_path, monkeyp
     trainer = make_trainer(demo, tmp_path, "data.batch_size=32", "train.max_nonfinite=2")
     batch = fixed_batch(trainer)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    real_loss = trainer.contrastive_loss
-    monkeypatch.setattr(trainer, "contrastive_loss", lambda *out: (real_loss(*out)[0] * float("nan"), {}))
+    real_loss = trainer.compute_loss
+    monkeypatch.setattr(trainer, "compute_loss", lambda inputs: (real_loss(inputs)[0] * float("nan"), {}))
     metrics = trainer.train_step([batch])
     assert math.isnan(metrics["loss"]) and metrics["skipped_step"] and trainer.skipped_steps == 1
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))  # no update
-    monkeypatch.setattr(trainer, "contrastive_loss", real_loss)
+    monkeypatch.setattr(trainer, "compute_loss", real_loss)
     assert "skipped_step" not in trainer.train_step([batch]) and trainer.nonfinite_streak == 0
-    monkeypatch.setattr(trainer, "contrastive_loss", lambda *out: (real_loss(*out)[0] * float("inf"), {}))
+    monkeypatch.setattr(trainer, "compute_loss", lambda inputs: (real_loss(inputs)[0] * float("inf"), {}))
     trainer.train_step([batch])
     with pytest.raises(TrainingError, match="2 consecutive steps had a non-finite loss"):
         trainer.train_step([batch])

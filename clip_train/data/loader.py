@@ -10,6 +10,7 @@ import io
 import itertools
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from .shards import DataError, count_samples, expand_shards
+from .text_views import two_text_views
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +44,45 @@ class SkipCounter:
         return delta
 
 
-class SampleDecoder:
-    """Turn a raw webdataset sample into ``(image_tensor, caption)``."""
+IMAGE_VIEW2 = "image_view2"
+TEXT_VIEWS = "text_views"
 
-    def __init__(self, image_exts: list[str], text_ext: str, transform: Callable):
+
+class SampleDecoder:
+    """Turn a raw webdataset sample into a dict: ``image`` and ``caption``, plus the second views
+    that intra-modal loss terms ask for (``image_view2``: the image transformed again;
+    ``text_view1``/``text_view2``: two captions, or two word-dropout copies of one)."""
+
+    def __init__(self, image_exts: list[str], text_ext: str, transform: Callable,
+                 views: frozenset = frozenset(), word_dropout: float = 0.1):
         self.image_exts = image_exts
         self.text_ext = text_ext
         self.transform = transform
+        self.views = views
+        self.word_dropout = word_dropout
 
-    def __call__(self, sample: dict):
+    def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
         image_bytes = next((sample[e] for e in self.image_exts if e in sample), None)
         if image_bytes is None:
             raise ValueError(f"sample {key} has no image member ({', '.join(self.image_exts)})")
         if self.text_ext not in sample:
             raise ValueError(f"sample {key} has no .{self.text_ext} caption")
-        with Image.open(io.BytesIO(image_bytes)) as img:
-            image = self.transform(img.convert("RGB"))
-        caption = sample[self.text_ext].decode("utf-8").strip()
-        if not caption:
+        captions = [line.strip() for line in sample[self.text_ext].decode("utf-8").splitlines() if line.strip()]
+        if not captions:
             raise ValueError(f"sample {key} has an empty caption")
-        return image, caption
+        # Random draws come from torch's generator, which the loader seeds per epoch and worker,
+        # so a resumed run replays them.
+        rng = random.Random(int(torch.randint(2**62, (1,))))
+        decoded = {"caption": rng.choice(captions)}
+        with Image.open(io.BytesIO(image_bytes)) as img:
+            rgb = img.convert("RGB")
+            decoded["image"] = self.transform(rgb)
+            if IMAGE_VIEW2 in self.views:
+                decoded[IMAGE_VIEW2] = self.transform(rgb)
+        if TEXT_VIEWS in self.views:
+            decoded["text_view1"], decoded["text_view2"] = two_text_views(captions, self.word_dropout, rng)
+        return decoded
 
 
 class Collate:
@@ -72,10 +92,19 @@ class Collate:
         self.tokenizer = tokenizer
         self.counter = counter
 
-    def __call__(self, samples: list) -> dict:
-        images, captions = zip(*samples)
-        return {"image": torch.stack(images), "text": self.tokenizer(list(captions)),
-                "skipped": self.counter.take()}
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = {"skipped": self.counter.take()}
+        for name in samples[0]:
+            if name.startswith("__"):  # webdataset's __key__/__url__ bookkeeping
+                continue
+            values = [s[name] for s in samples]
+            if name == "caption":
+                batch["text"] = self.tokenizer(values)
+            elif name.startswith("text_view"):
+                batch[name] = self.tokenizer(values)
+            else:
+                batch[name] = torch.stack(values)
+        return batch
 
 
 @dataclass
@@ -91,6 +120,8 @@ class TrainData:
     workers: int
     num_samples: int
     batches_per_epoch: int
+    views: frozenset = frozenset()  # IMAGE_VIEW2 and/or TEXT_VIEWS, when a loss term needs them
+    word_dropout: float = 0.1
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """The batches of ``epoch``, after the first ``skip`` (a resumed run fast-forwards to its position).
@@ -119,7 +150,8 @@ class TrainData:
             wds.tarfile_to_samples(handler=counter.handler),
             wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
                            seed=epoch_seed + 7919 * self.rank),
-            wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, self.transform), handler=counter.handler),
+            wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, self.transform, self.views, self.word_dropout),
+                    handler=counter.handler),
             wds.batched(cfg.batch_size, collation_fn=Collate(self.tokenizer, counter), partial=False),
         ).with_epoch(nbatches=math.ceil(self.batches_per_epoch / max(1, self.workers)))
 
@@ -138,8 +170,8 @@ def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool
     return workers
 
 
-def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int,
-                     rank: int = 0, world_size: int = 1) -> TrainData:
+def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int, rank: int = 0,
+                     world_size: int = 1, views: frozenset = frozenset(), word_dropout: float = 0.1) -> TrainData:
     """``cfg`` is the ``DataConfig``. An epoch is ``train_num_samples`` (or the shards' total) samples."""
     urls = expand_shards(cfg.train)
     num_samples = cfg.train_num_samples or count_samples(urls)
@@ -150,4 +182,5 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
         raise DataError(f"{num_samples} samples give no full batch of {cfg.batch_size} x {world_size} ranks: "
                         f"lower data.batch_size")
     workers = _check_split(urls, cfg.workers, world_size, cfg.resampled)
-    return TrainData(cfg, urls, transform, tokenizer, seed, rank, workers, num_samples, batches)
+    return TrainData(cfg, urls, transform, tokenizer, seed, rank, workers, num_samples, batches,
+                     frozenset(views), word_dropout)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..config import Config, to_yaml
 from ..data import build_train_data
 from ..eval import run_training_eval
-from ..losses import sigmoid_contrastive_loss, softmax_contrastive_loss
+from ..losses.objective import CAPTION, IMAGE_VIEW2, TEXT_VIEWS, Objective, TermInputs
 from ..models import build_model, export_open_clip
 from ..models.export import jsonable
 from . import checkpoint as ckpt
@@ -53,8 +53,12 @@ class Trainer:
         self.built = build_model(cfg.model.name, pretrained=cfg.model.pretrained, aug=cfg.data.augment,
                                  init_logit_bias=cfg.model.init_logit_bias if sigmoid else None)
         self.built.model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        self.objective = Objective(cfg.objective, cfg.loss)
+        self._check_objective()
         self.data = build_train_data(cfg.data, self.built.train_transform, self.built.tokenizer,
-                                     seed=cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size)
+                                     seed=cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
+                                     views=frozenset(self.objective.needs - {CAPTION}),
+                                     word_dropout=cfg.objective.text_word_dropout)
         self.steps_per_epoch = self.data.batches_per_epoch // cfg.train.accum_steps
         if self.steps_per_epoch == 0:
             raise TrainingError(f"an epoch has {self.data.batches_per_epoch} batches, fewer than "
@@ -82,6 +86,16 @@ class Trainer:
                                    f"continue it, --overwrite to start over, or choose another output_dir")
         for path in previous:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def _check_objective(self) -> None:
+        needs = self.objective.needs
+        if CAPTION in needs and not hasattr(self.built.model, "text_decoder"):
+            raise TrainingError("objective.terms.caption needs a CoCa model: set model.name=demo-tiny-coca, "
+                                "coca_ViT-B-32, or another CoCa config")
+        if needs and self.cfg.train.accum_steps > 1:
+            raise TrainingError("train.accum_steps > 1 (GradCache) works with the terms computed from the two "
+                                "embeddings; intra_image, intra_text and caption need second views or caption "
+                                "logits: use train.accum_steps=1 with them")
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -166,25 +180,30 @@ class Trainer:
     def forward_backward(self, micro_batches: list[dict]) -> tuple[float, dict]:
         """Loss over the whole contrastive batch; backward only when it is finite on every rank.
 
-        Returns the full-batch loss (this rank's share averaged over ranks) and the loss metrics.
+        Returns the full-batch loss (this rank's share averaged over ranks) and the term metrics.
         """
         if len(micro_batches) == 1:
-            outputs = self.engine(*self._inputs(micro_batches[0]))
-            loss, metrics = self.contrastive_loss(*outputs)
+            batch = micro_batches[0]
+            loss, metrics = self.compute_loss(self._term_inputs(self.engine(*self._inputs(batch)), batch))
             mean_loss = all_reduce_mean(loss.detach().float()).item()
             if math.isfinite(mean_loss):
                 self.engine.backward(loss)
-            return mean_loss, metrics
+            return mean_loss, self._averaged(metrics)
         try:
-            _, metrics = gradcache_backward(lambda batch: self.engine(*self._inputs(batch)), self._checked_loss,
-                                            micro_batches, backward=self._gradcache_micro_backward)
+            _, metrics = gradcache_backward(lambda batch: _as_tuple(self.engine(*self._inputs(batch))),
+                                            self._checked_loss, micro_batches, backward=self._gradcache_micro_backward)
         except NonFiniteLoss as err:
             return err.loss, {}
-        return metrics.pop("mean_loss"), metrics
+        mean_loss = metrics.pop("mean_loss")
+        return mean_loss, self._averaged(metrics)
 
-    def _checked_loss(self, *outputs):
+    def compute_loss(self, inputs: TermInputs) -> tuple[torch.Tensor, dict]:
+        return self.objective(inputs)
+
+    def _checked_loss(self, image_features, text_features, logit_scale, logit_bias=None):
         """GradCache's loss: stops before any backward through the model when the loss is not finite."""
-        loss, metrics = self.contrastive_loss(*outputs)
+        loss, metrics = self.compute_loss(TermInputs(image_features, text_features, logit_scale.reshape(()),
+                                                     None if logit_bias is None else logit_bias.reshape(())))
         mean_loss = all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(mean_loss)
@@ -198,18 +217,32 @@ class Trainer:
         self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        image = batch["image"].to(self.device, dtype=self.compute_dtype, non_blocking=True)
-        return image, batch["text"].to(self.device, non_blocking=True)
+        return self._image(batch["image"]), batch["text"].to(self.device, non_blocking=True)
 
-    def contrastive_loss(self, image_features, text_features, logit_scale, logit_bias=None):
-        tile = self.cfg.loss.tile_size
-        logit_scale = logit_scale.reshape(())
-        logit_bias = None if logit_bias is None else logit_bias.reshape(())
-        if self.cfg.loss.kind == "sigmoid":
-            loss, metrics = sigmoid_contrastive_loss(image_features, text_features, logit_scale, logit_bias, tile_size=tile)
-        else:
-            loss, metrics = softmax_contrastive_loss(image_features, text_features, logit_scale, tile_size=tile)
-        return loss, {k: v for k, v in metrics.items() if k != "loss"}
+    def _image(self, image: torch.Tensor) -> torch.Tensor:
+        return image.to(self.device, dtype=self.compute_dtype, non_blocking=True)
+
+    def _term_inputs(self, outputs, batch: dict) -> TermInputs:
+        """The objective's inputs: the forward's outputs plus the second views the active terms need."""
+        image_features, text_features, logit_scale, *bias = _as_tuple(outputs)
+        inputs = TermInputs(image_features, text_features, logit_scale.reshape(()),
+                            bias[0].reshape(()) if bias else None)
+        needs = self.objective.needs
+        if IMAGE_VIEW2 in needs:
+            inputs.image_features_view2 = self.model.encode_image(self._image(batch["image_view2"]), normalize=True)
+        if TEXT_VIEWS in needs:
+            inputs.text_features_view1, inputs.text_features_view2 = (
+                self.model.encode_text(batch[name].to(self.device), normalize=True) for name in ("text_view1", "text_view2"))
+        if CAPTION in needs:
+            inputs.caption_logits, inputs.caption_labels = outputs["logits"], outputs["labels"]
+        return inputs
+
+    def _averaged(self, metrics: dict) -> dict:
+        """Term values averaged over ranks: each rank holds its share of the full-batch value."""
+        if not metrics or not self.env.distributed:
+            return metrics
+        values = all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device))
+        return dict(zip(metrics, values.tolist()))
 
     # --- optimizer step and faults ---------------------------------------------------------------
 
@@ -336,6 +369,14 @@ class Trainer:
         if results:
             self.metrics.write({"step": self.step, **results})
         return results
+
+
+def _as_tuple(outputs) -> tuple:
+    """open_clip's CLIP returns a tuple, CoCa a dict: both as (image, text, scale[, bias])."""
+    if isinstance(outputs, dict):
+        bias = (outputs["logit_bias"],) if outputs.get("logit_bias") is not None else ()
+        return (outputs["image_features"], outputs["text_features"], outputs["logit_scale"], *bias)
+    return tuple(outputs)
 
 
 def _with_vector_logit_params(built):

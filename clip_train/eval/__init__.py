@@ -76,8 +76,18 @@ def _run_retrieval(model, preprocess, tokenizer, shards, batch_size, workers, de
     return zeroshot_retrieval(model, tokenizer, loader, device)
 
 
+def _run_captioning(model, preprocess, tokenizer, shards, batch_size, workers, device) -> dict:
+    from .captioning import captioning_check
+
+    try:
+        return captioning_check(model, preprocess, tokenizer, shards, batch_size, workers, device)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+
+
 EVAL_TASKS.register("zeroshot_classification")(EvalTask(resolve_classification_set, _run_classification))
 EVAL_TASKS.register("zeroshot_retrieval")(EvalTask(_resolve_retrieval, _run_retrieval))
+EVAL_TASKS.register("captioning")(EvalTask(_resolve_retrieval, _run_captioning))
 
 
 def _task(name: str) -> EvalTask:
@@ -99,6 +109,8 @@ def evaluate(model_spec, dataset, task, *, pretrained=None, templates=None, batc
         task_metrics = eval_task.run(
             loaded.model, loaded.preprocess, loaded.tokenizer, resolved, batch_size, workers, device
         )
+    # Per-sample outputs (generated captions) sit beside the numeric metrics, not among them.
+    details = {k: task_metrics.pop(k) for k in [k for k, v in task_metrics.items() if isinstance(v, list)]}
     return {
         "dataset": str(dataset),
         "model": str(model_spec),
@@ -106,6 +118,7 @@ def evaluate(model_spec, dataset, task, *, pretrained=None, templates=None, batc
         "task": task,
         "metrics": task_metrics,
         "language": "en",
+        **details,
     }
 
 

@@ -100,10 +100,24 @@ def build_model(name: str, *, pretrained: str = "", init_logit_bias: float | Non
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(private_name, None)
         root.setLevel(previous_level)
+    if not pretrained:
+        _initialise_caption_decoder(model)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     if not aug:
         train_tf = eval_tf
     return BuiltModel(model, train_tf, eval_tf, tokenizer, model_cfg, preprocess_cfg)
+
+
+def _initialise_caption_decoder(model: torch.nn.Module) -> None:
+    """open_clip 3.3's ``MultimodalTransformer`` (CoCa's text decoder) leaves its ``text_projection``
+    as uninitialised memory (sometimes 1e28), and its own ``init_parameters`` cannot run (it reads
+    an attribute the class lacks). Initialise the projection as that method intends; pretrained
+    weights overwrite it anyway."""
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if projection is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=decoder.width ** -0.5)
 
 
 def _preprocess_kwargs(overrides: dict) -> dict:
