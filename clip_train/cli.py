@@ -33,11 +33,11 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     from .engine import checkpoint as ckpt
-    from .models import export_open_clip
+    from .models import export_model
 
     path = ckpt.resolve_checkpoint(Path(args.run), args.checkpoint)
     info = ckpt.read_model_info(path)
-    out = export_open_clip(ckpt.read_weights(path), info["model_cfg"], info["preprocess_cfg"],
+    out = export_model(ckpt.read_weights(path), info["model_cfg"], info["preprocess_cfg"],
                            args.out or Path(args.run) / "export")
     print(f"exported {path} -> {out}")
     return 0

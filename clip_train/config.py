@@ -44,7 +44,8 @@ class DataConfig:
     resampled: bool = option(False, "sample shards with replacement (infinite stream) instead of epochs over the shards")
     train_num_samples: int = option(0, "samples per epoch; 0 reads it from sizes.json next to the shards")
     augment: bool = option(True, "random-resized-crop augmentation on training images")
-    image_key: str = option("jpg;png;jpeg;webp", "shard member extensions read as the image (first match)")
+    media_key: str = option("", "shard member extensions holding the image/audio/ECG, ';'-separated, first match "
+                                "('': the modality's own: jpg;png;jpeg;webp, flac;wav;ogg, npy)")
     text_key: str = option("txt", "shard member extension read as the caption")
 
 

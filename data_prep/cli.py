@@ -1,10 +1,16 @@
-"""`clip-prep`: shard local (image, caption) pairs, or write the embedded demo dataset.
+"""`clip-prep`: shard local (image|audio|ECG, caption) pairs, or write a demo dataset.
 
-    clip-prep shard INPUT --out DIR [--modality image] [--path-column filepath]
-        [--caption-column caption] [--image-size 256]
-        [--resize-mode keep_ratio|center_crop|border] [--samples-per-shard 10000]
-        [--workers N] [--max-pixels N] [--jpeg-quality 95] [--overwrite]
-    clip-prep demo --out DIR [--image-size 32] [--seed 0] [--overwrite]
+    clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
+        [--caption-column caption] [--samples-per-shard 10000] [--workers N] [--overwrite]
+      image: [--image-size 256] [--resize-mode keep_ratio|center_crop|border]
+             [--max-pixels N] [--jpeg-quality 95]
+      audio: [--sample-rate 48000] [--max-duration SECONDS]
+      ecg:   [--leads I,II,III,aVR,aVL,aVF,V1,...,V6] [--ecg-rate 500] [--ecg-seconds 10]
+             [--ecg-length-policy crop_start|crop_center] [--ecg-dtype float16|float32]
+             [--lead-names NAMES --source-rate HZ [--units mV]]   (for .npy/.csv arrays)
+    clip-prep demo --out DIR [--modality image|audio|ecg] [--seed 0] [--overwrite]
+        [--image-size 32] [--sample-rate 16000] [--ecg-rate 500]
+        [--train-per-class N] [--test-per-class N] [--workers N]
 
 A bad invocation prints one line, `clip-prep: error: ...`, and exits with status 2.
 """
@@ -17,10 +23,13 @@ from pathlib import Path
 from typing import Sequence
 
 from data_prep import __version__
+from data_prep.audio import DEFAULT_SAMPLE_RATE, MAX_FLAC_SAMPLE_RATE  # importing registers "audio"
+from data_prep.ecg import DEFAULT_ECG_RATE, DEFAULT_ECG_SECONDS, ECG_DTYPES, LENGTH_POLICIES, STANDARD_LEADS
 from data_prep.images import DEFAULT_MAX_PIXELS, RESIZE_MODES  # importing it registers "image"
 from data_prep.pipeline import run_pipeline
 from data_prep.samples import MODALITIES
 from data_prep.sources import SourceError, SourceSpec, open_source
+from data_prep.samples import MissingToolError
 from data_prep.writer import DatasetWriter, InvariantError, OutputDirError, prepare_output_dir
 
 USAGE_ERROR = 2
@@ -50,6 +59,28 @@ def _bounded_int(low: int, high: int | None = None):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _lead_list(text: str) -> tuple[str, ...]:
+    """Comma-separated lead names: none empty, no duplicates (case-insensitive)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty lead name in {text!r}")
+    lowered = [name.lower() for name in names]
+    duplicates = sorted({name for name in names if lowered.count(name.lower()) > 1})
+    if duplicates:
+        raise argparse.ArgumentTypeError(f"lead(s) named twice: {', '.join(duplicates)}")
+    return names
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -70,13 +101,47 @@ def add_shard_command(commands) -> None:
                        help="reject images with more pixels than this (checked from the header)")
     shard.add_argument("--jpeg-quality", type=_bounded_int(1, 100), default=95, help="JPEG quality of outputs")
     shard.add_argument("--overwrite", action="store_true", help="replace a previous clip-prep output in --out")
+    add_audio_options(shard, default_rate=DEFAULT_SAMPLE_RATE)
+    audio = shard.add_argument_group("audio")
+    audio.add_argument("--max-duration", type=_positive_float, default=None,
+                       help="keep only the first SECONDS of longer clips (recorded in KEY.json)")
+    add_ecg_options(shard)
     shard.set_defaults(run=run_shard)
 
 
+def add_audio_options(parser, default_rate) -> None:
+    parser.add_argument("--sample-rate", type=_bounded_int(1, MAX_FLAC_SAMPLE_RATE), default=default_rate,
+                        help="audio: output rate in Hz, mono (FLAC allows up to 655350)")
+
+
+def add_ecg_options(parser) -> None:
+    ecg = parser.add_argument_group("ecg")
+    ecg.add_argument("--leads", type=_lead_list, default=STANDARD_LEADS,
+                     help="output leads, in order (default the standard 12); matched case-insensitively")
+    ecg.add_argument("--ecg-rate", type=_bounded_int(1, 100_000), default=DEFAULT_ECG_RATE, help="output rate in Hz")
+    ecg.add_argument("--ecg-seconds", type=_positive_float, default=DEFAULT_ECG_SECONDS, help="output length in seconds")
+    ecg.add_argument("--ecg-length-policy", choices=LENGTH_POLICIES, default="crop_start",
+                     help="how longer records are cut (shorter ones are zero-padded at the end)")
+    ecg.add_argument("--ecg-dtype", choices=ECG_DTYPES, default="float16", help="dtype of KEY.npy")
+    ecg.add_argument("--lead-names", type=_lead_list, default=None,
+                     help="names of the leads of .npy/.csv arrays (the axis of this length is the lead axis)")
+    ecg.add_argument("--source-rate", type=_positive_float, default=None, help="sampling rate of .npy/.csv arrays in Hz")
+    ecg.add_argument("--units", default="mV", help="units of .npy/.csv arrays (WFDB headers carry their own)")
+
+
 def add_demo_command(commands) -> None:
-    demo = commands.add_parser("demo", help="write the embedded handwritten-digits demo dataset")
+    demo = commands.add_parser("demo", help="write a demo dataset (digits images, spoken digits, simulated ECGs)")
     demo.add_argument("--out", type=Path, required=True, help="output folder (train/, test/, retrieval/)")
-    demo.add_argument("--image-size", type=_bounded_int(8, 1024), default=32, help="image side in pixels")
+    demo.add_argument("--modality", choices=("image", "audio", "ecg"), default="image",
+                      help="image: sklearn digits; audio: espeak-ng spoken digits; ecg: neurokit2 simulations")
+    demo.add_argument("--image-size", type=_bounded_int(8, 1024), default=32, help="image: side in pixels")
+    add_audio_options(demo, default_rate=None)
+    demo.add_argument("--ecg-rate", type=_bounded_int(50, 2000), default=DEFAULT_ECG_RATE, help="ecg: rate in Hz")
+    demo.add_argument("--train-per-class", type=_bounded_int(1), default=None,
+                      help="audio/ecg: training samples per class (default: the full demo)")
+    demo.add_argument("--test-per-class", type=_bounded_int(1), default=None,
+                      help="audio/ecg: held-out samples per class (default: the full demo)")
+    demo.add_argument("--workers", type=_bounded_int(1), default=default_workers(), help="audio/ecg: processes")
     demo.add_argument("--seed", type=_bounded_int(0), default=0, help="seed for the split and the captions")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     demo.set_defaults(run=run_demo)
@@ -103,7 +168,8 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UsageError(f"--modality: {error.args[0]}") from None
     if args.input.is_dir() and args.out.resolve() == args.input.resolve():
         raise UsageError("--out must not be the INPUT folder itself")
-    spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out)
+    spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out,
+                      record_suffixes=modality.record_suffixes)
     kind, items = open_source(spec)  # validates INPUT and columns before touching --out
     prepare_output_dir(args.out, args.overwrite)
     writer = DatasetWriter(args.out, args.samples_per_shard)
@@ -114,9 +180,16 @@ def run_shard(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from data_prep.demo import build_demo  # imports scikit-learn, only needed here
+    if args.modality == "image":
+        from data_prep.demo import build_demo  # imports scikit-learn, only needed here
 
-    counts = build_demo(args.out, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
+        counts = build_demo(args.out, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
+    else:
+        from data_prep.demo_signals import DemoSize, build_signal_demo
+
+        size = DemoSize(args.train_per_class, args.test_per_class, args.workers)
+        rate = args.sample_rate if args.modality == "audio" else args.ecg_rate
+        counts = build_signal_demo(args.modality, args.out, rate, size, args.seed, args.overwrite)
     print("clip-prep demo: " + ", ".join(f"{split} {count}" for split, count in counts.items()) + f" -> {args.out}")
     return 0
 
@@ -130,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UsageError, SourceError, OutputDirError) as error:
+    except (UsageError, SourceError, OutputDirError, MissingToolError) as error:
         print_error(str(error))
         return USAGE_ERROR
     except InvariantError as error:

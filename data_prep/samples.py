@@ -2,7 +2,7 @@
 
 A source yields `SourceItem`s; a modality's encode function turns one item into either an
 `Encoded` sample (tar members + metadata) or a `Rejection` (a machine-readable reason code
-plus a human message). Adding a modality (audio, ECG) means registering one more `Modality`
+plus a human message). Adding a modality (as audio.py and ecg.py do) means registering one more `Modality`
 in `MODALITIES`; nothing in the sources, the pipeline or the writer changes.
 """
 from __future__ import annotations
@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from clip_train.registry import Registry
+
+
+class MissingToolError(RuntimeError):
+    """An external program a command needs is not installed; the message says how to get it."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,15 @@ class Modality:
 
     `build_options` turns the parsed CLI namespace into the (picklable) options object that
     `encode(path_or_bytes, caption, options)` receives in worker processes.
+    `record_suffixes` name files that stand for a multi-file record (WFDB's `.hea`): in a
+    folder, other files of the same stem (`.dat`, `.atr`, ...) are parts of that record,
+    not inputs of their own.
     """
 
     name: str
     build_options: Callable[[Any], Any]
     encode: Callable[[MediaInput, "str | None", Any], EncodeResult]
+    record_suffixes: tuple[str, ...] = ()
 
 
 MODALITIES: Registry[Modality] = Registry("prep modality")

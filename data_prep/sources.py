@@ -33,6 +33,8 @@ class SourceSpec:
     caption_column: str = "caption"
     # The output folder, skipped when scanning an input folder that contains it.
     exclude: Path | None = None
+    # Suffixes of files that head a multi-file record (the modality's record_suffixes).
+    record_suffixes: tuple[str, ...] = ()
 
 
 SourceFn = Callable[[SourceSpec], Iterator[SourceItem]]
@@ -90,13 +92,25 @@ def folder_source(spec: SourceSpec) -> Iterator[SourceItem]:
     """Every file that is not a caption sidecar is an input; its caption is STEM.txt beside it.
 
     A .txt with no media file of the same stem is an input too (rejected as missing_image),
-    so that nothing in the folder is dropped without a trace.
+    so that nothing in the folder is dropped without a trace. With `record_suffixes`
+    (ECG: ".hea"), files sharing the stem of such a record header are its companions
+    (WFDB's .dat signal file, annotations) and are read with it, not counted as inputs.
     """
     files = list_folder_files(spec.input, spec.exclude)
+    files = drop_record_companions(files, spec.record_suffixes)
     captions = {path.with_suffix(""): path for path in files if _is_caption_file(path)}
     media_stems = {path.with_suffix("") for path in files if not _is_caption_file(path)}
     inputs = [path for path in files if not _is_caption_file(path) or path.with_suffix("") not in media_stems]
     return _folder_items(inputs, captions)
+
+
+def drop_record_companions(files: list[Path], record_suffixes: tuple[str, ...]) -> list[Path]:
+    suffixes = {suffix.lower() for suffix in record_suffixes}
+    if not suffixes:
+        return files
+    record_stems = {path.with_suffix("") for path in files if path.suffix.lower() in suffixes}
+    return [path for path in files
+            if path.suffix.lower() in suffixes or _is_caption_file(path) or path.with_suffix("") not in record_stems]
 
 
 def _folder_items(inputs: list[Path], captions: dict[Path, Path]) -> Iterator[SourceItem]:

@@ -1,6 +1,16 @@
 """Shared fixtures."""
 import pytest
 
+from data_prep.cli import main as prep_main
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """``clip-prep demo`` output, built once per session; tests only read it (runs go to their own dirs)."""
+    out = tmp_path_factory.mktemp("demo_dataset") / "demo"
+    assert prep_main(["demo", "--out", str(out)]) == 0
+    return out
+
 
 @pytest.fixture
 def reference_accuracy(monkeypatch):

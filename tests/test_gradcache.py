@@ -9,14 +9,10 @@ dropout the reference is literally ``loss_fn(*model(full_batch)).backward()``.
 import contextlib
 import copy
 import functools
-import os
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_harness import run_workers
 
 from clip_train.engine import gradcache
 from clip_train.engine.gradcache import gradcache_backward, split_batch
@@ -25,7 +21,6 @@ from clip_train.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
 BATCH = 8
 TILE = 3  # divides no micro-batch size: the tiled loss paths are exercised too
 SEED = 1234
-JOB_TIMEOUT_S = 120
 LOSSES = {
     "softmax": functools.partial(softmax_contrastive_loss, tile_size=TILE),
     "sigmoid": functools.partial(sigmoid_contrastive_loss, tile_size=TILE),
@@ -316,50 +311,14 @@ def child_results(rank):
     return out
 
 
-def _worker(rank, port, outdir):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=60))
-        torch.set_num_threads(1)
-        torch.save(child_results(rank), os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn_job(outdir):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(outdir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOB_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(outdir.glob("error*.txt")))
-    assert not hung, f"{len(hung)} of {WORLD} ranks hung past {JOB_TIMEOUT_S}s\n{errors}"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def single_thread_child_results(rank, world):
+    torch.set_num_threads(1)
+    return child_results(rank)
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    return spawn_job(tmp_path_factory.mktemp("gradcache_ddp"))
+    return run_workers(single_thread_child_results, WORLD, tmp_path_factory.mktemp("gradcache_ddp"))
 
 
 def single_process_reference(kind):

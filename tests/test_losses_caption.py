@@ -1,29 +1,15 @@
 """CoCa captioning loss: parity with open_clip's ``CoCaLoss`` caption term (also on a tiny
 open_clip CoCa model's forward output), padding ignored, bf16, and the distributed token
 mean over 2 gloo ranks with uneven token counts (one spawned job, results via files)."""
-import importlib.util
-import os
-import socket
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_harness import run_workers
+from loss_helpers import open_clip_loss_module
 
 from clip_train.losses import caption_loss, naive_caption_loss
 
 V = 11
 PAD = 0
-
-
-def open_clip_loss_module():
-    """open_clip's ``loss.py`` alone (importing the package pulls in timm/torchvision)."""
-    pkg_dir = os.path.dirname(importlib.util.find_spec("open_clip").origin)
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", os.path.join(pkg_dir, "loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_batch(b, t, seed=0, dtype=torch.float64, lengths=None):
@@ -139,7 +125,6 @@ def test_open_clip_coca_forward_output():
 
 # ----------------------------------------------------------------------------- distributed
 
-JOB_TIMEOUT_S = 120
 # Rank 0: 3 captions, rank 1: 5 captions, with different lengths (uneven token counts).
 LENGTHS = [[6, 1, 4], [2, 2, 7, 3, 5]]
 EVEN_LENGTHS = [[6, 6], [1, 2]]  # same rows per rank, very different token counts
@@ -156,51 +141,19 @@ def rows(lengths, rank):
     return slice(start, start + len(lengths[rank]))
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
-        out = {}
-        for name, lengths in (("uneven", LENGTHS), ("even_rows", EVEN_LENGTHS)):
-            logits, labels = full_batch(lengths)
-            sl = rows(lengths, rank)
-            loss, grad = run(caption_loss, logits[sl], labels[sl])
-            out[name] = {"loss": loss, "grad": grad, "tokens": caption_loss(logits[sl], labels[sl])[1]["caption_tokens"]}
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def spawn_job(world, outdir):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(outdir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOB_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(outdir.glob("error*.txt")))
-    assert not hung, f"{len(hung)} of {world} ranks hung past {JOB_TIMEOUT_S}s\n{errors}"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes}\n{errors}"
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def child_scenarios(rank, world):
+    out = {}
+    for name, lengths in (("uneven", LENGTHS), ("even_rows", EVEN_LENGTHS)):
+        logits, labels = full_batch(lengths)
+        sl = rows(lengths, rank)
+        loss, grad = run(caption_loss, logits[sl], labels[sl])
+        out[name] = {"loss": loss, "grad": grad, "tokens": caption_loss(logits[sl], labels[sl])[1]["caption_tokens"]}
+    return out
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    return spawn_job(2, tmp_path_factory.mktemp("caption_world2"))
+    return run_workers(child_scenarios, 2, tmp_path_factory.mktemp("caption_world2"))
 
 
 @pytest.mark.parametrize("name", ["uneven", "even_rows"])

@@ -5,14 +5,11 @@ per-rank sizes, open_clip under gloo, a non-contiguous subgroup) and saves the r
 the parent recomputes single-process references and asserts.  A failed or hung child
 fails the test (join timeout, exit codes, traceback file).
 """
-import os
-import socket
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_harness import rank_rows as rows
+from dist_harness import run_workers
+from loss_helpers import open_clip_loss_module
 
 from clip_train.losses import (
     naive_sigmoid_contrastive_loss,
@@ -23,7 +20,6 @@ from clip_train.losses import (
 
 D = 8
 TILE = 5  # divides none of the per-rank sizes below
-JOB_TIMEOUT_S = 120
 
 
 def uneven_sizes(world):
@@ -55,21 +51,6 @@ def run_loss(kind, a, b, s, t, grad_out=1.0, **kw):
     return {"loss": loss.detach(), "grads": grads, "metrics": metrics}
 
 
-def open_clip_loss_module():
-    """open_clip's ``loss.py`` loaded on its own: importing the ``open_clip`` package pulls
-    in timm/torchvision (~8 s per process); ``loss.py`` itself only needs torch."""
-    import importlib.util
-    import sys
-
-    if "open_clip.loss" in sys.modules:
-        return sys.modules["open_clip.loss"]
-    pkg_dir = os.path.dirname(importlib.util.find_spec("open_clip").origin)
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", os.path.join(pkg_dir, "loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_open_clip(kind, a, b, s, t, rank, world):
     ocl = open_clip_loss_module()
     a, b, s, t = [x.clone().requires_grad_() for x in (a, b, s, t)]
@@ -80,11 +61,6 @@ def run_open_clip(kind, a, b, s, t, rank, world):
         loss = ocl.SigLipLoss(rank=rank, world_size=world)(a, b, s, t)
     loss.backward()
     return {"loss": loss.detach(), "grads": [x.grad if x.grad is not None else torch.zeros_like(x) for x in (a, b, s, t)]}
-
-
-def rows(sizes, rank):
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
 
 
 def child_scenarios(rank, world):
@@ -112,53 +88,10 @@ def child_scenarios(rank, world):
     return out
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=timedelta(seconds=60),
-        )
-        torch.save(child_scenarios(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn_job(world, outdir):
-    """Run ``_worker`` on ``world`` gloo ranks; return the per-rank result dicts."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(outdir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOB_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = [f.read_text() for f in sorted(outdir.glob("error*.txt"))]
-    assert not hung, f"{len(hung)} of {world} ranks hung past {JOB_TIMEOUT_S}s\n" + "\n".join(errors)
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes}\n" + "\n".join(errors)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
 def job(request, tmp_path_factory):
     world = request.param
-    return world, spawn_job(world, tmp_path_factory.mktemp(f"world{world}"))
+    return world, run_workers(child_scenarios, world, tmp_path_factory.mktemp(f"world{world}"))
 
 
 def close(x, y, msg):

@@ -7,17 +7,13 @@ even / uneven / rank-weighted scenarios and saves them; the parent checks the co
 (mean of per-rank losses == full loss; each rank's grads == W x single-process grads).
 """
 import math
-import os
 import random
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from dist_harness import rank_rows as rows
+from dist_harness import run_workers
+from loss_helpers import OpRecorder
 
 from clip_train.data.text_views import two_text_views, word_dropout
 from clip_train.losses import embed_dropout_loss, embedding_dropout_views, naive_nt_xent_loss, nt_xent_loss
@@ -97,22 +93,6 @@ def test_gradcheck_and_grad_output_scaling():
     ours, ref = run(tiled(4), v1, v2, grad_out=-2.5), run(naive(), v1, v2, grad_out=-2.5)
     for g, r in zip(ours["grads"], ref["grads"]):
         close(g, r)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the largest tensor and the dtypes produced per aten op."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel, self.dtypes = 0, {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-                self.dtypes.setdefault(func.__name__.split(".")[0], set()).add(t.dtype)
-        return out
 
 
 def test_never_allocates_full_matrix():
@@ -234,7 +214,6 @@ def test_two_text_views():
 
 # ----------------------------------------------------------------------------- distributed
 
-JOB_TIMEOUT_S = 120
 DIST_TILE = 3  # divides none of the per-rank row counts below
 
 
@@ -244,11 +223,6 @@ def sizes_for(name, world):
 
 def full_views(sizes):
     return make_views(sum(sizes), seed=len(sizes) * 10 + sum(sizes))
-
-
-def rows(sizes, rank):
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
 
 
 def child_scenarios(rank, world):
@@ -264,47 +238,10 @@ def child_scenarios(rank, world):
     return out
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
-        torch.save(child_scenarios(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def spawn_job(world, outdir):
-    """Run ``_worker`` on ``world`` gloo ranks; return the per-rank result dicts."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(outdir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOB_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(outdir.glob("error*.txt")))
-    assert not hung, f"{len(hung)} of {world} ranks hung past {JOB_TIMEOUT_S}s\n{errors}"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes}\n{errors}"
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def job(request, tmp_path_factory):
     world = request.param
-    return world, spawn_job(world, tmp_path_factory.mktemp(f"intra_world{world}"))
+    return world, run_workers(child_scenarios, world, tmp_path_factory.mktemp(f"intra_world{world}"))
 
 
 @pytest.mark.parametrize("name", ["even", "uneven"])

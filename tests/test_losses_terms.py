@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from loss_helpers import OpRecorder
 
 from clip_train.losses import (
     alignment_loss,
@@ -20,7 +21,6 @@ from clip_train.losses import (
     uniformity_loss,
     uniformity_terms,
 )
-from tests.test_losses_tiled import OpRecorder
 
 HN = dict(beta_image=0.3, beta_text=0.7, alpha=0.6)
 HN_NEG = dict(beta_image=-0.4, beta_text=1.2, alpha=2.0)

@@ -1,18 +1,15 @@
 """DCL, HN-NCE, uniformity and alignment under real gloo process groups (world sizes 2, 4).
 
-One spawned job per world size (the harness of ``test_losses_distributed``) runs every
-term on even and uneven per-rank sizes, plus rank-dependent incoming gradients; the parent
+One spawned job per world size (``dist_harness``, with the batches of ``test_losses_distributed``)
+runs every term on even and uneven per-rank sizes, plus rank-dependent incoming gradients; the parent
 checks the engine's convention against the single-process naive references:
 mean over ranks of the losses == full-batch loss, each rank's feature gradients ==
 W x the full-batch gradients of its rows, mean over ranks of the scale gradients == the
 single-process one.
 """
-import os
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
+from dist_harness import rank_rows, run_workers
 
 from clip_train.losses import (
     alignment_loss,
@@ -25,7 +22,8 @@ from clip_train.losses import (
     uniformity_loss,
     uniformity_terms,
 )
-from tests import test_losses_distributed as harness
+from test_losses_distributed import make_batch as base_batch
+from test_losses_distributed import uneven_sizes
 
 TILE = 5  # divides none of the per-rank sizes
 HN = dict(beta_image=0.3, beta_text=0.7, alpha=0.6)
@@ -67,15 +65,15 @@ def run(fn, a, b, s, grad_out=1.0):
 
 
 def make_batch(n, seed):
-    a, b, s, _ = harness.make_batch(n, seed)
+    a, b, s, _ = base_batch(n, seed)
     return a * 1.3, b, s  # image rows not unit norm: uniformity must not assume it
 
 
 def child_scenarios(rank, world):
     out = {}
-    for name, sizes in (("even", [6] * world), ("uneven", harness.uneven_sizes(world))):
+    for name, sizes in (("even", [6] * world), ("uneven", uneven_sizes(world))):
         a, b, s = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
-        sl = harness.rows(sizes, rank)
+        sl = rank_rows(sizes, rank)
         for term in TERMS:
             out[(name, term)] = run(lambda *x, term=term: ours(term, *x), a[sl], b[sl], s)
             if name == "uneven":  # backward of (rank + 1) * L_r on every rank
@@ -84,32 +82,10 @@ def child_scenarios(rank, world):
     return out
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
-        torch.save(child_scenarios(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def job(request, tmp_path_factory):
-    """Reuse the engine's spawn harness (join timeout, exit codes, error files) with this
-    module's worker."""
     world = request.param
-    original = harness._worker
-    harness._worker = _worker
-    try:
-        return world, harness.spawn_job(world, tmp_path_factory.mktemp(f"terms_world{world}"))
-    finally:
-        harness._worker = original
+    return world, run_workers(child_scenarios, world, tmp_path_factory.mktemp(f"terms_world{world}"))
 
 
 def close(x, y, msg):
@@ -120,13 +96,13 @@ def close(x, y, msg):
 @pytest.mark.parametrize("name", ["even", "uneven"])
 def test_mean_loss_and_grads_match_full_batch(job, term, name):
     world, results = job
-    sizes = [6] * world if name == "even" else harness.uneven_sizes(world)
+    sizes = [6] * world if name == "even" else uneven_sizes(world)
     a, b, s = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
     ref_loss, ref_grads = run(lambda *x: naive(term, *x), a, b, s)
     per_rank = [res[(name, term)] for res in results]
     close(torch.stack([loss for loss, _ in per_rank]).mean(), ref_loss, f"{term} loss")
     for rank, (_, grads) in enumerate(per_rank):
-        sl = harness.rows(sizes, rank)
+        sl = rank_rows(sizes, rank)
         for i, which in enumerate(("image", "text")):
             close(grads[i], world * ref_grads[i][sl], f"{term} rank{rank} {which} grad")
     close(torch.stack([g[2] for _, g in per_rank]).mean(), ref_grads[2], f"{term} scale grad")
@@ -140,7 +116,7 @@ def per_rank_naive_losses(term, a, b, s, sizes):
         return [full] * W  # every rank returns the full value
     if term == "alignment":
         per_row = (a - b).pow(2).sum(1).pow(0.75)
-        return [W / B * per_row[harness.rows(sizes, r)].sum() for r in range(W)]
+        return [W / B * per_row[rank_rows(sizes, r)].sum() for r in range(W)]
     S = s * a @ b.T
     off = ~torch.eye(B, dtype=torch.bool)
     beta1, beta2, alpha = (0.0, 0.0, 0.0) if term == "dcl" else (HN["beta_image"], HN["beta_text"], HN["alpha"])
@@ -151,14 +127,14 @@ def per_rank_naive_losses(term, a, b, s, sizes):
         return -M.diagonal() + torch.log(alpha * M.diagonal().exp() + (w * M.exp() * off).sum(1))
 
     terms = rows(S, beta1) + rows(S.T, beta2)
-    return [W / (2.0 * B) * terms[harness.rows(sizes, r)].sum() for r in range(W)]
+    return [W / (2.0 * B) * terms[rank_rows(sizes, r)].sum() for r in range(W)]
 
 
 @pytest.mark.parametrize("term", TERMS)
 def test_rank_dependent_grad_outputs(job, term):
     """Backward of sum_r (r + 1) L_r: each rank's loss and gradients follow its share."""
     world, results = job
-    sizes = harness.uneven_sizes(world)
+    sizes = uneven_sizes(world)
     leaves = [x.clone().requires_grad_() for x in make_batch(sum(sizes), seed=len(sizes) + sum(sizes))]
     losses = per_rank_naive_losses(term, *leaves, sizes)
     sum((r + 1.0) * loss for r, loss in enumerate(losses)).backward()
@@ -167,5 +143,5 @@ def test_rank_dependent_grad_outputs(job, term):
         loss, ours_grads = res[("weighted", term)]
         close(loss, losses[rank].detach(), f"{term} rank{rank} loss")
         for i in range(2):
-            close(ours_grads[i], grads[i][harness.rows(sizes, rank)], f"{term} rank{rank} grad {i}")
+            close(ours_grads[i], grads[i][rank_rows(sizes, rank)], f"{term} rank{rank} grad {i}")
     close(torch.stack([res[("weighted", term)][1][2] for res in results]).sum(), grads[2], f"{term} scale")

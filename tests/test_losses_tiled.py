@@ -1,12 +1,8 @@
 """Single-process tiled losses: float64 parity (naive reference and open_clip), bf16,
 custom grad_output, validation, and a dispatch-mode proof that no B x B tensor exists."""
-import importlib.util
-import os
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from loss_helpers import OpRecorder, open_clip_loss_module
 
 from clip_train.losses import (
     naive_sigmoid_contrastive_loss,
@@ -17,15 +13,6 @@ from clip_train.losses import (
 
 # (batch, tile): batches that do not divide the tile, a single row, tile > batch, tile == batch.
 CASES = [(37, 8), (5, 16), (1, 16), (1, 1), (24, 24), (70, 7)]
-
-
-def open_clip_loss_module():
-    """open_clip's ``loss.py`` without importing the whole package (timm/torchvision)."""
-    pkg_dir = os.path.dirname(importlib.util.find_spec("open_clip").origin)
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", os.path.join(pkg_dir, "loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 OCL = open_clip_loss_module()
@@ -96,22 +83,6 @@ def test_grad_output_scaling(kind):
     _, grads, _ = loss_and_grads(ours(kind, 4), inputs, k, grad_out=-2.5)
     _, ref_grads, _ = loss_and_grads(NAIVE[kind], inputs, k, grad_out=-2.5)
     assert_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records numel and dtype of every tensor produced by every aten op."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel, self.dtypes = 0, {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-                self.dtypes.setdefault(func.__name__.split(".")[0], set()).add(t.dtype)
-        return out
 
 
 def record(fn, inputs, n_scalars):

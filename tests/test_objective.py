@@ -1,7 +1,6 @@
 """The composed objective: term registry, weights, per-term metrics, the inputs each term asks for,
 recipes with a base, and CoCa captioning training through the trainer."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,8 @@ from clip_train.engine.trainer import Trainer, TrainingError
 from clip_train.losses import decoupled_contrastive_loss, softmax_contrastive_loss
 from clip_train.losses.geometry import alignment_loss
 from clip_train.losses.objective import TERMS, Objective, TermInputs
-from data_prep.cli import main as prep_main
+from project_paths import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ISSUE_TERM_NAMES = {"contrastive", "caption", "intra_image", "intra_text", "embed_dropout", "uniformity",
                     "alignment", "dcl", "hard_negative"}
 
@@ -69,13 +67,6 @@ def test_recipes_with_a_base_override_only_what_they_name(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("objective") / "demo"
-    assert prep_main(["demo", "--out", str(out)]) == 0
-    return out
-
-
 def trainer(demo, run_dir, *overrides):
     cfg = load_config(CONFIGS / "demo.yaml", [f"data.train={demo}/train", f"output_dir={run_dir}", "data.workers=0",
                                               "data.batch_size=16", "eval.zeroshot=", "eval.retrieval=",
@@ -83,10 +74,10 @@ def trainer(demo, run_dir, *overrides):
     return Trainer(cfg)
 
 
-def test_every_term_trains_and_is_logged_under_its_name(demo, tmp_path):
+def test_every_term_trains_and_is_logged_under_its_name(demo_dataset, tmp_path):
     terms = ["intra_image=0.5", "intra_text=0.5", "embed_dropout=0.5", "uniformity=0.1", "alignment=0.1",
              "dcl=0.5", "hard_negative=0.5"]
-    run = trainer(demo, tmp_path, "train.max_steps=2", *(f"objective.terms.{t}" for t in terms))
+    run = trainer(demo_dataset, tmp_path, "train.max_steps=2", *(f"objective.terms.{t}" for t in terms))
     batch = next(iter(run.data.epoch_batches(0)))
     assert {"image_view2", "text_view1", "text_view2"} <= set(batch)
     assert not torch.equal(batch["image"], batch["image_view2"])  # two augmentations of the same images
@@ -96,16 +87,16 @@ def test_every_term_trains_and_is_logged_under_its_name(demo, tmp_path):
         assert isinstance(logged[name], float), name
 
 
-def test_coca_caption_loss_falls(demo, tmp_path):
-    run = trainer(demo, tmp_path, "model.name=demo-tiny-coca", "objective.terms.caption=2", "optim.warmup_steps=0",
-                  "optim.lr=2e-3")
+def test_coca_caption_loss_falls(demo_dataset, tmp_path):
+    run = trainer(demo_dataset, tmp_path, "model.name=demo-tiny-coca", "objective.terms.caption=2",
+                  "optim.warmup_steps=0", "optim.lr=2e-3")
     batch = next(iter(run.data.epoch_batches(0)))
     caption_losses = [run.train_step([batch])["caption"] for _ in range(10)]
     assert caption_losses[-1] < 0.85 * caption_losses[0], caption_losses
 
 
-def test_caption_needs_coca_and_views_need_plain_steps(demo, tmp_path):
+def test_caption_needs_coca_and_views_need_plain_steps(demo_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a CoCa model"):
-        trainer(demo, tmp_path / "a", "objective.terms.caption=2")
+        trainer(demo_dataset, tmp_path / "a", "objective.terms.caption=2")
     with pytest.raises(TrainingError, match="use train.accum_steps=1"):
-        trainer(demo, tmp_path / "b", "objective.terms.intra_image=1", "train.accum_steps=2")
+        trainer(demo_dataset, tmp_path / "b", "objective.terms.intra_image=1", "train.accum_steps=2")

@@ -9,18 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from project_paths import DEMO_CONFIG
 
-from data_prep.cli import main as prep_main
-
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "demo"
-    assert prep_main(["demo", "--out", str(out)]) == 0
-    return out
 
 
 def command(demo, run_dir, *extra):
@@ -50,25 +41,25 @@ def start_and_interrupt(cmd, run_dir, at_step: int, sig: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo, tmp_path_factory):
+def uninterrupted(demo_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full")
-    subprocess.run(command(demo, run_dir), check=True, capture_output=True)
+    subprocess.run(command(demo_dataset, run_dir), check=True, capture_output=True)
     result = losses(run_dir)
     assert sorted(result) == list(range(1, STEPS + 1))
     return result
 
 
 @pytest.mark.parametrize("sig, at_step", [(signal.SIGKILL, 5), (signal.SIGTERM, 3)])
-def test_resume_after_interrupt_gives_the_same_losses(demo, tmp_path, uninterrupted, sig, at_step):
-    check_interrupted_run_resumes_exactly(demo, tmp_path, uninterrupted, sig, at_step)
+def test_resume_after_interrupt_gives_the_same_losses(demo_dataset, tmp_path, uninterrupted, sig, at_step):
+    check_interrupted_run_resumes_exactly(demo_dataset, tmp_path, uninterrupted, sig, at_step)
 
 
-def test_resume_with_the_loader_in_the_main_process(demo, tmp_path_factory):
+def test_resume_with_the_loader_in_the_main_process(demo_dataset, tmp_path_factory):
     # workers=0: augmentation draws from the main RNG, so the fast-forward must happen before the
     # RNG state is restored.
     run_dir = tmp_path_factory.mktemp("full0")
-    subprocess.run(command(demo, run_dir, "data.workers=0"), check=True, capture_output=True)
-    check_interrupted_run_resumes_exactly(demo, tmp_path_factory.mktemp("cut0"), losses(run_dir),
+    subprocess.run(command(demo_dataset, run_dir, "data.workers=0"), check=True, capture_output=True)
+    check_interrupted_run_resumes_exactly(demo_dataset, tmp_path_factory.mktemp("cut0"), losses(run_dir),
                                           signal.SIGKILL, 5, "data.workers=0")
 
 

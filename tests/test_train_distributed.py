@@ -1,17 +1,14 @@
 """The trainer under two real gloo processes: DDP + the ring loss give the single-process update."""
 import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_harness import free_port, run_workers
+from project_paths import DEMO_CONFIG
 
 from clip_train.config import load_config
-from data_prep.cli import main as prep_main
 
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 GLOBAL_BATCH = 8
 CAPTIONS = [f"a handwritten digit {i}" for i in range(GLOBAL_BATCH)]
 
@@ -43,55 +40,24 @@ def gradients_after_one_backward(cfg, rows: slice):
     return loss, grads
 
 
-def _worker(rank, world, port, demo, run, kind, outdir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        per_rank = GLOBAL_BATCH // world
-        result = gradients_after_one_backward(make_config(demo, run, kind),
-                                              slice(rank * per_rank, (rank + 1) * per_rank))
-        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    except Exception:
-        Path(outdir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "demo"
-    assert prep_main(["demo", "--out", str(out)]) == 0
-    return out
+def rank_gradients(rank, world, demo, run, kind):
+    per_rank = GLOBAL_BATCH // world
+    return gradients_after_one_backward(make_config(demo, run, kind), slice(rank * per_rank, (rank + 1) * per_rank))
 
 
 @pytest.mark.parametrize("kind", list(OBJECTIVES))
-def test_two_rank_gradients_equal_single_process(demo, tmp_path, kind):
-    single_loss, single_grads = gradients_after_one_backward(make_config(demo, tmp_path / "single", kind),
+def test_two_rank_gradients_equal_single_process(demo_dataset, tmp_path, kind):
+    single_loss, single_grads = gradients_after_one_backward(make_config(demo_dataset, tmp_path / "single", kind),
                                                              slice(0, GLOBAL_BATCH))
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, demo, tmp_path / "dist", kind, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    errors = [f.read_text() for f in tmp_path.glob("*.err")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs)
-    for rank in range(2):
-        loss, grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    results = run_workers(rank_gradients, 2, tmp_path, demo_dataset, tmp_path / "dist", kind, init="env", timeout=240,
+                          weights_only=True)
+    for loss, grads in results:
         assert loss == pytest.approx(single_loss, rel=1e-5)  # the logged loss is the full-batch loss
         for name, grad in single_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo, tmp_path):
+def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo_dataset, tmp_path):
     import subprocess
     import sys
     import time
@@ -102,7 +68,7 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo, tmp_path):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo}/train",
+            [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo_dataset}/train",
              f"output_dir={run}", "data.workers=0", "data.batch_size=16", "train.max_steps=1000", "train.log_every=1",
              "train.dist_timeout_s=30", "eval.zeroshot=", "eval.retrieval="],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

@@ -1,7 +1,6 @@
 """One tiny end-to-end run: clip-prep demo -> clip-train -> export -> clip-eval, checked against open_clip
 and CLIP_benchmark's own metric code."""
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -11,22 +10,13 @@ from safetensors.torch import load_file
 from clip_train.cli import main as train_main
 from clip_train.eval import build_classification_set, build_retrieval_set, load_model, make_loader
 from clip_train.eval.cli import main as eval_main
-from data_prep.cli import main as prep_main
-
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+from project_paths import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "demo"
-    assert prep_main(["demo", "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def run(demo):
-    run_dir = demo.parent / "run"
-    assert train_main(train_args(demo, run_dir, "train.max_steps=6")) == 0
+def run(demo_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    assert train_main(train_args(demo_dataset, run_dir, "train.max_steps=6")) == 0
     return run_dir
 
 
@@ -61,25 +51,25 @@ def test_export_loads_in_open_clip_with_the_trained_weights(run):
     assert model.encode_text(tokenizer(["the digit seven"])).shape == (1, 64)
 
 
-def test_clip_eval_matches_clip_benchmark_on_the_trained_model(run, demo, tmp_path, reference_accuracy):
+def test_clip_eval_matches_clip_benchmark_on_the_trained_model(run, demo_dataset, tmp_path, reference_accuracy):
     from clip_benchmark.metrics import zeroshot_retrieval
 
     out = tmp_path / "zs.json"
-    assert eval_main(["--model", str(run), "--dataset", str(demo / "test"),
+    assert eval_main(["--model", str(run), "--dataset", str(demo_dataset / "test"),
                       "--task", "zeroshot_classification", "--output", str(out)]) == 0
     ours = json.loads(out.read_text())
-    assert ours["task"] == "zeroshot_classification" and ours["dataset"] == str(demo / "test")
+    assert ours["task"] == "zeroshot_classification" and ours["dataset"] == str(demo_dataset / "test")
     loaded = load_model(str(run))
-    dataset, classnames, templates = build_classification_set(demo / "test", loaded.preprocess)
+    dataset, classnames, templates = build_classification_set(demo_dataset / "test", loaded.preprocess)
     theirs = reference_accuracy.evaluate(loaded.model, make_loader(dataset, 64, 0), loaded.tokenizer,
                                          classnames, templates, "cpu", amp=False)
     for name, value in theirs.items():
         assert ours["metrics"][name] == pytest.approx(value, abs=1e-4)
 
-    assert eval_main(["--model", str(run / "export"), "--dataset", str(demo / "retrieval"),
+    assert eval_main(["--model", str(run / "export"), "--dataset", str(demo_dataset / "retrieval"),
                       "--task", "zeroshot_retrieval", "--output", str(out)]) == 0
     ours = json.loads(out.read_text())["metrics"]
-    loader = make_loader(build_retrieval_set(demo / "retrieval", loaded.preprocess), 64, 0)
+    loader = make_loader(build_retrieval_set(demo_dataset / "retrieval", loaded.preprocess), 64, 0)
     theirs = zeroshot_retrieval.evaluate(loaded.model, loader, loaded.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
     for name, value in theirs.items():
         assert ours[name] == pytest.approx(value, abs=1e-4)
@@ -94,9 +84,9 @@ def test_export_subcommand_writes_the_checkpoint_weights(run, tmp_path):
     assert not torch.equal(step3["text_projection"], final["text_projection"])  # training moved the weights
 
 
-def test_rerun_refuses_then_resume_continues(run, demo, capsys):
-    assert train_main(train_args(demo, run, "train.max_steps=8")) == 2
+def test_rerun_refuses_then_resume_continues(run, demo_dataset, capsys):
+    assert train_main(train_args(demo_dataset, run, "train.max_steps=8")) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert train_main(train_args(demo, run, "train.max_steps=8", "--resume", "latest")) == 0
+    assert train_main(train_args(demo_dataset, run, "train.max_steps=8", "--resume", "latest")) == 0
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]

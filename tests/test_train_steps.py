@@ -1,22 +1,12 @@
 """Trainer steps under DeepSpeed: GradCache equals the full-batch step; non-finite steps are skipped."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from clip_train.config import load_config
 from clip_train.engine.trainer import Trainer, TrainingError
-from data_prep.cli import main as prep_main
-
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("steps") / "demo"
-    assert prep_main(["demo", "--out", str(out)]) == 0
-    return out
+from project_paths import DEMO_CONFIG
 
 
 def make_trainer(demo, run_dir, *overrides):
@@ -38,9 +28,9 @@ def halves(batch):
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_gradcache_step_equals_the_full_batch_step(demo, tmp_path, zero_stage):
-    full = make_trainer(demo, tmp_path / "full", "data.batch_size=32", f"ds.zero_stage={zero_stage}")
-    cached = make_trainer(demo, tmp_path / "cached", "data.batch_size=16", "train.accum_steps=2",
+def test_gradcache_step_equals_the_full_batch_step(demo_dataset, tmp_path, zero_stage):
+    full = make_trainer(demo_dataset, tmp_path / "full", "data.batch_size=32", f"ds.zero_stage={zero_stage}")
+    cached = make_trainer(demo_dataset, tmp_path / "cached", "data.batch_size=16", "train.accum_steps=2",
                           f"ds.zero_stage={zero_stage}")
     assert cached.ds_config["train_batch_size"] == full.ds_config["train_batch_size"] == 32
     batch = fixed_batch(full)
@@ -51,12 +41,12 @@ def test_gradcache_step_equals_the_full_batch_step(demo, tmp_path, zero_stage):
     for (name, a), b in zip(full.model.named_parameters(), cached.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     moved = [not torch.equal(p, q) for p, q in zip(full.model.parameters(), make_trainer(
-        demo, tmp_path / "init", "data.batch_size=32").model.parameters())]
+        demo_dataset, tmp_path / "init", "data.batch_size=32").model.parameters())]
     assert all(moved)  # the step really updated every parameter
 
 
-def test_nonfinite_loss_skips_the_step_and_stops_after_k(demo, tmp_path, monkeypatch):
-    trainer = make_trainer(demo, tmp_path, "data.batch_size=32", "train.max_nonfinite=2")
+def test_nonfinite_loss_skips_the_step_and_stops_after_k(demo_dataset, tmp_path, monkeypatch):
+    trainer = make_trainer(demo_dataset, tmp_path, "data.batch_size=32", "train.max_nonfinite=2")
     batch = fixed_batch(trainer)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     real_loss = trainer.compute_loss
@@ -72,8 +62,8 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_k(demo, tmp_path, monkeyp
         trainer.train_step([batch])
 
 
-def test_nonfinite_weights_are_never_saved(demo, tmp_path):
-    trainer = make_trainer(demo, tmp_path, "data.batch_size=32")
+def test_nonfinite_weights_are_never_saved(demo_dataset, tmp_path):
+    trainer = make_trainer(demo_dataset, tmp_path, "data.batch_size=32")
     assert trainer.save() is not None
     with torch.no_grad():
         trainer.model.text_projection[0, 0] = float("nan")
@@ -82,9 +72,9 @@ def test_nonfinite_weights_are_never_saved(demo, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000000"]
 
 
-def test_activation_checkpointing_gives_the_same_step(demo, tmp_path):
-    plain = make_trainer(demo, tmp_path / "plain", "data.batch_size=32")
-    checkpointed = make_trainer(demo, tmp_path / "ckpt", "data.batch_size=32", "model.grad_checkpointing=true")
+def test_activation_checkpointing_gives_the_same_step(demo_dataset, tmp_path):
+    plain = make_trainer(demo_dataset, tmp_path / "plain", "data.batch_size=32")
+    checkpointed = make_trainer(demo_dataset, tmp_path / "ckpt", "data.batch_size=32", "model.grad_checkpointing=true")
     assert checkpointed.model.visual.transformer.grad_checkpointing
     batch = fixed_batch(plain)
     assert checkpointed.train_step([batch])["loss"] == pytest.approx(plain.train_step([batch])["loss"], rel=1e-6)
@@ -92,14 +82,14 @@ def test_activation_checkpointing_gives_the_same_step(demo, tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_zero3_run_exports_consolidated_weights(demo, tmp_path):
+def test_zero3_run_exports_consolidated_weights(demo_dataset, tmp_path):
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
     run = tmp_path / "z3"
-    subprocess.run([sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo}/train",
+    subprocess.run([sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo_dataset}/train",
                     f"output_dir={run}", "data.batch_size=32", "data.workers=0", "train.max_steps=2",
                     "ds.zero_stage=3", "eval.zeroshot=", "eval.retrieval="], check=True, capture_output=True)
     checkpoint = run / "checkpoints" / "step_00000002"

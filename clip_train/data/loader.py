@@ -1,12 +1,11 @@
 """The training data path: shards -> split by node and worker -> shuffle -> decode -> batch dict.
 
-Only the configured image and text members of a sample are decoded (with PIL and UTF-8): pickled
+Only the signal member (image, audio or ECG, see ``modalities``) and the caption are decoded: pickled
 members such as ``.pyd`` are never unpickled. A sample that fails to read or decode is skipped and
 counted; every batch carries the number of samples its worker skipped since the previous batch.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
@@ -16,9 +15,9 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from .shards import DataError, count_samples, expand_shards
+from .modalities import MODALITIES, Modality
 from .text_views import two_text_views
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,15 @@ TEXT_VIEWS = "text_views"
 
 
 class SampleDecoder:
-    """Turn a raw webdataset sample into a dict: ``image`` and ``caption``, plus the second views
-    that intra-modal loss terms ask for (``image_view2``: the image transformed again;
-    ``text_view1``/``text_view2``: two captions, or two word-dropout copies of one)."""
+    """Turn a raw webdataset sample into a dict: the signal under the modality's name (``image``,
+    ``audio``, ``ecg``) and ``caption``, plus the second views that intra-modal loss terms ask for
+    (``<modality>_view2``: the signal transformed again; ``text_view1``/``text_view2``: two captions,
+    or two word-dropout copies of one)."""
 
-    def __init__(self, image_exts: list[str], text_ext: str, transform: Callable,
+    def __init__(self, modality: Modality, media_exts: list[str], text_ext: str, transform: Callable,
                  views: frozenset = frozenset(), word_dropout: float = 0.1):
-        self.image_exts = image_exts
+        self.modality = modality
+        self.media_exts = media_exts
         self.text_ext = text_ext
         self.transform = transform
         self.views = views
@@ -63,9 +64,9 @@ class SampleDecoder:
 
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
-        image_bytes = next((sample[e] for e in self.image_exts if e in sample), None)
-        if image_bytes is None:
-            raise ValueError(f"sample {key} has no image member ({', '.join(self.image_exts)})")
+        media = next((sample[e] for e in self.media_exts if e in sample), None)
+        if media is None:
+            raise ValueError(f"sample {key} has no {self.modality.name} member ({', '.join(self.media_exts)})")
         if self.text_ext not in sample:
             raise ValueError(f"sample {key} has no .{self.text_ext} caption")
         captions = [line.strip() for line in sample[self.text_ext].decode("utf-8").splitlines() if line.strip()]
@@ -75,11 +76,10 @@ class SampleDecoder:
         # so a resumed run replays them.
         rng = random.Random(int(torch.randint(2**62, (1,))))
         decoded = {"caption": rng.choice(captions)}
-        with Image.open(io.BytesIO(image_bytes)) as img:
-            rgb = img.convert("RGB")
-            decoded["image"] = self.transform(rgb)
-            if IMAGE_VIEW2 in self.views:
-                decoded[IMAGE_VIEW2] = self.transform(rgb)
+        signal = self.modality.decode(media)
+        decoded[self.modality.name] = self.transform(signal)
+        if IMAGE_VIEW2 in self.views:
+            decoded[f"{self.modality.name}_view2"] = self.transform(signal)
         if TEXT_VIEWS in self.views:
             decoded["text_view1"], decoded["text_view2"] = two_text_views(captions, self.word_dropout, rng)
         return decoded
@@ -122,6 +122,10 @@ class TrainData:
     batches_per_epoch: int
     views: frozenset = frozenset()  # IMAGE_VIEW2 and/or TEXT_VIEWS, when a loss term needs them
     word_dropout: float = 0.1
+    modality: Modality = MODALITIES.get("image")
+
+    def _media_exts(self) -> list[str]:
+        return self.cfg.media_key.split(";") if self.cfg.media_key else list(self.modality.extensions)
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """The batches of ``epoch``, after the first ``skip`` (a resumed run fast-forwards to its position).
@@ -150,8 +154,8 @@ class TrainData:
             wds.tarfile_to_samples(handler=counter.handler),
             wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
                            seed=epoch_seed + 7919 * self.rank),
-            wds.map(SampleDecoder(cfg.image_key.split(";"), cfg.text_key, self.transform, self.views, self.word_dropout),
-                    handler=counter.handler),
+            wds.map(SampleDecoder(self.modality, self._media_exts(), cfg.text_key, self.transform, self.views,
+                                  self.word_dropout), handler=counter.handler),
             wds.batched(cfg.batch_size, collation_fn=Collate(self.tokenizer, counter), partial=False),
         ).with_epoch(nbatches=math.ceil(self.batches_per_epoch / max(1, self.workers)))
 
@@ -171,7 +175,8 @@ def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool
 
 
 def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int, rank: int = 0,
-                     world_size: int = 1, views: frozenset = frozenset(), word_dropout: float = 0.1) -> TrainData:
+                     world_size: int = 1, views: frozenset = frozenset(), word_dropout: float = 0.1,
+                     modality: str = "image") -> TrainData:
     """``cfg`` is the ``DataConfig``. An epoch is ``train_num_samples`` (or the shards' total) samples."""
     urls = expand_shards(cfg.train)
     num_samples = cfg.train_num_samples or count_samples(urls)
@@ -183,4 +188,4 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
                         f"lower data.batch_size")
     workers = _check_split(urls, cfg.workers, world_size, cfg.resampled)
     return TrainData(cfg, urls, transform, tokenizer, seed, rank, workers, num_samples, batches,
-                     frozenset(views), word_dropout)
+                     frozenset(views), word_dropout, MODALITIES.get(modality))

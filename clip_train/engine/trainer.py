@@ -20,13 +20,14 @@ from ..config import Config, to_yaml
 from ..data import build_train_data
 from ..eval import run_training_eval
 from ..losses.objective import CAPTION, IMAGE_VIEW2, TEXT_VIEWS, Objective, TermInputs
-from ..models import build_model, export_open_clip
+from ..models import build_model, export_model
 from ..models.export import jsonable
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, any_rank, detect_env, pick_device
 from .ds_setup import build_ds_config, init_distributed, initialize
 from .gradcache import gradcache_backward
 from .metrics_log import MetricsLog
+from .model_outputs import as_tuple, with_vector_logit_params
 from .optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Trainer:
         self.data = build_train_data(cfg.data, self.built.train_transform, self.built.tokenizer,
                                      seed=cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
                                      views=frozenset(self.objective.needs - {CAPTION}),
-                                     word_dropout=cfg.objective.text_word_dropout)
+                                     word_dropout=cfg.objective.text_word_dropout, modality=self.built.modality)
         self.steps_per_epoch = self.data.batches_per_epoch // cfg.train.accum_steps
         if self.steps_per_epoch == 0:
             raise TrainingError(f"an epoch has {self.data.batches_per_epoch} batches, fewer than "
@@ -105,7 +106,7 @@ class Trainer:
 
     def _build_engine(self) -> None:
         cfg = self.cfg
-        model = _with_vector_logit_params(self.built).to(self.device)
+        model = with_vector_logit_params(self.built).to(self.device)
         optimizer = build_optimizer(model, cfg.optim)
         base_lr = cfg.optim.lr
         # Our schedule through a LambdaLR, so DeepSpeed steps it with the optimizer and checkpoints it.
@@ -171,7 +172,7 @@ class Trainer:
             self._optimizer_step()
         else:
             self._skip_step(loss)
-        samples = sum(b["image"].shape[0] for b in micro_batches) * self.env.world_size
+        samples = sum(b["text"].shape[0] for b in micro_batches) * self.env.world_size
         return {**metrics, "loss": loss, "lr": lr, "logit_scale": self._logit_scale(),
                 "samples_per_s": samples / (time.perf_counter() - started),
                 "skipped": sum(b["skipped"] for b in micro_batches), "skipped_steps": self.skipped_steps,
@@ -190,7 +191,7 @@ class Trainer:
                 self.engine.backward(loss)
             return mean_loss, self._averaged(metrics)
         try:
-            _, metrics = gradcache_backward(lambda batch: _as_tuple(self.engine(*self._inputs(batch))),
+            _, metrics = gradcache_backward(lambda batch: as_tuple(self.engine(*self._inputs(batch))),
                                             self._checked_loss, micro_batches, backward=self._gradcache_micro_backward)
         except NonFiniteLoss as err:
             return err.loss, {}
@@ -217,19 +218,21 @@ class Trainer:
         self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._image(batch["image"]), batch["text"].to(self.device, non_blocking=True)
+        return self._signal(batch[self.data.modality.name]), batch["text"].to(self.device, non_blocking=True)
 
-    def _image(self, image: torch.Tensor) -> torch.Tensor:
-        return image.to(self.device, dtype=self.compute_dtype, non_blocking=True)
+    def _signal(self, signal: torch.Tensor) -> torch.Tensor:
+        """The image, audio or ECG batch, on the device in the compute precision."""
+        return signal.to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
     def _term_inputs(self, outputs, batch: dict) -> TermInputs:
         """The objective's inputs: the forward's outputs plus the second views the active terms need."""
-        image_features, text_features, logit_scale, *bias = _as_tuple(outputs)
+        image_features, text_features, logit_scale, *bias = as_tuple(outputs)
         inputs = TermInputs(image_features, text_features, logit_scale.reshape(()),
                             bias[0].reshape(()) if bias else None)
         needs = self.objective.needs
         if IMAGE_VIEW2 in needs:
-            inputs.image_features_view2 = self.model.encode_image(self._image(batch["image_view2"]), normalize=True)
+            view2 = batch[f"{self.data.modality.name}_view2"]
+            inputs.image_features_view2 = self.model.encode_image(self._signal(view2), normalize=True)
         if TEXT_VIEWS in needs:
             inputs.text_features_view1, inputs.text_features_view2 = (
                 self.model.encode_text(batch[name].to(self.device), normalize=True) for name in ("text_view1", "text_view2"))
@@ -358,7 +361,7 @@ class Trainer:
         info = self.model_info()
         with self._full_weights():
             if self.env.is_main:
-                export_open_clip(self.model.state_dict(), info["model_cfg"], info["preprocess_cfg"],
+                export_model(self.model.state_dict(), info["model_cfg"], info["preprocess_cfg"],
                                  self.run_dir / "export")
         _barrier()
 
@@ -369,29 +372,6 @@ class Trainer:
         if results:
             self.metrics.write({"step": self.step, **results})
         return results
-
-
-def _as_tuple(outputs) -> tuple:
-    """open_clip's CLIP returns a tuple, CoCa a dict: both as (image, text, scale[, bias])."""
-    if isinstance(outputs, dict):
-        bias = (outputs["logit_bias"],) if outputs.get("logit_bias") is not None else ()
-        return (outputs["image_features"], outputs["text_features"], outputs["logit_scale"], *bias)
-    return tuple(outputs)
-
-
-def _with_vector_logit_params(built):
-    """Give the logit scale/bias shape [1] instead of [] (open_clip's ``nonscalar_logit_scale``).
-
-    DeepSpeed broadcasts parameters as byte views, which fails for 0-dim tensors; the exported
-    config records the shape so the weights load back in open_clip unchanged.
-    """
-    model = built.model
-    for name in ("logit_scale", "logit_bias"):
-        param = getattr(model, name, None)
-        if param is not None and param.ndim == 0:
-            setattr(model, name, torch.nn.Parameter(param.detach().reshape(1)))
-    built.model_cfg["nonscalar_logit_scale"] = True
-    return model
 
 
 class NonFiniteLoss(Exception):

@@ -87,7 +87,15 @@ def _run_captioning(model, preprocess, tokenizer, shards, batch_size, workers, d
 
 EVAL_TASKS.register("zeroshot_classification")(EvalTask(resolve_classification_set, _run_classification))
 EVAL_TASKS.register("zeroshot_retrieval")(EvalTask(_resolve_retrieval, _run_retrieval))
+def _run_multilabel(model, preprocess, tokenizer, source, batch_size, workers, device) -> dict:
+    from .multilabel import open_multilabel_set, zeroshot_multilabel
+
+    loader = make_loader(open_multilabel_set(source, preprocess), batch_size, workers)
+    return zeroshot_multilabel(model, tokenizer, loader, source.classnames, source.templates, device)
+
+
 EVAL_TASKS.register("captioning")(EvalTask(_resolve_retrieval, _run_captioning))
+EVAL_TASKS.register("zeroshot_multilabel")(EvalTask(resolve_classification_set, _run_multilabel))
 
 
 def _task(name: str) -> EvalTask:

@@ -5,34 +5,34 @@ order. Only the members a task needs are read out of the tar (`select_files`); e
 pickles (`.pyd`, `.pth`) in particular — is skipped unread and never decoded.
 
 Classification set layout (a shard directory):
-    00000.tar ...        members KEY.jpg (or .jpeg/.png/.webp) and KEY.cls (ASCII class index)
+    00000.tar ...        members KEY.jpg (or another image, .flac/.wav audio, .npy ECG) and KEY.cls
+                         (ASCII class index)
     classnames.txt       one class name per line, in index order (required)
     templates.txt        one prompt per line containing {c} (or CLIP_benchmark's
                          zeroshot_classification_templates.txt); optional, see DEFAULT_TEMPLATES
 Or a folder with one sub-folder per class (sorted as torchvision's ImageFolder, `_` read as a
 space in the class name).
 
-Retrieval set layout: shards with KEY.jpg and KEY.txt, the .txt holding one or several captions,
+Retrieval set layout: shards with KEY.jpg (or audio/ECG) and KEY.txt, the .txt holding one or several captions,
 one per line (empty lines dropped).
 """
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
+from clip_train.data.modalities import MODALITIES
 from clip_train.eval.loading import EvalError
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MEDIA_EXTENSIONS = tuple(ext for name in MODALITIES.names() for ext in MODALITIES.get(name).extensions)
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
 
@@ -48,7 +48,7 @@ DEFAULT_TEMPLATES = (
     "art of the {c}.",
 )
 
-Transform = Callable[[Image.Image], torch.Tensor]
+Transform = Callable[[object], torch.Tensor]  # decoded image/audio/ECG -> model input
 
 
 def read_lines(path: Path) -> list[str]:
@@ -108,16 +108,17 @@ def _sample_name(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-def decode_image(sample: dict) -> Image.Image:
-    """The sample's image as RGB, decoded by PIL from the first image member present."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            try:
-                with Image.open(io.BytesIO(sample[ext])) as image:
-                    return image.convert("RGB")
-            except OSError as exc:
-                raise EvalError(f"cannot decode image of sample {_sample_name(sample)}: {exc}") from None
-    raise EvalError(f"sample {_sample_name(sample)} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+def decode_media(sample: dict):
+    """The sample's image, audio or ECG signal, decoded from the first media member present (see
+    ``clip_train.data.modalities``); the model's transform turns it into a tensor."""
+    for modality in MODALITIES.names():
+        for ext in MODALITIES.get(modality).extensions:
+            if ext in sample:
+                try:
+                    return MODALITIES.get(modality).decode(sample[ext])
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise EvalError(f"cannot decode {modality} of sample {_sample_name(sample)}: {exc}") from None
+    raise EvalError(f"sample {_sample_name(sample)} has no media member ({'/'.join(MEDIA_EXTENSIONS)})")
 
 
 def decode_class_index(sample: dict) -> int:
@@ -137,11 +138,11 @@ def decode_captions(sample: dict) -> list[str]:
 
 # Module-level (not lambdas) so that loaders with workers also work under the "spawn" start method.
 def _classification_example(sample: dict, transform: Transform) -> tuple[torch.Tensor, int]:
-    return transform(decode_image(sample)), decode_class_index(sample)
+    return transform(decode_media(sample)), decode_class_index(sample)
 
 
 def _retrieval_example(sample: dict, transform: Transform) -> tuple[torch.Tensor, list[str]]:
-    return transform(decode_image(sample)), decode_captions(sample)
+    return transform(decode_media(sample)), decode_captions(sample)
 
 
 def collate_image_captions(batch: list[tuple[torch.Tensor, list[str]]]):
@@ -205,7 +206,7 @@ def open_classification_set(source: ClassificationSource, transform: Transform):
     """Dataset yielding (image tensor, class index); it carries `.classes` (the class names), as
     CLIP_benchmark's datasets do."""
     if source.shards:
-        dataset = _shard_pipeline(source.shards, IMAGE_EXTENSIONS + ("cls",)).map(
+        dataset = _shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls",)).map(
             functools.partial(_classification_example, transform=transform)
         )
     else:
@@ -237,7 +238,7 @@ def resolve_retrieval_shards(path) -> list[Path]:
 
 def open_retrieval_set(shards: list[Path], transform: Transform) -> IterableDataset:
     """Dataset yielding (image tensor, list of captions); batches keep a list of caption lists."""
-    dataset = _shard_pipeline(shards, IMAGE_EXTENSIONS + ("txt",)).map(
+    dataset = _shard_pipeline(shards, MEDIA_EXTENSIONS + ("txt",)).map(
         functools.partial(_retrieval_example, transform=transform)
     )
     dataset.collate_fn = collate_image_captions

@@ -47,6 +47,30 @@ def _export_dir_of(path: Path) -> Path | None:
     return None
 
 
+def _signal_export_of(path: Path) -> Path | None:
+    """An audio/ECG export (``clip_train.models.dual``'s format) that `path` or `path/export` holds."""
+    from clip_train.models.dual import CONFIG_NAME as SIGNAL_CONFIG
+
+    for candidate in (path, path / EXPORT_SUBDIR):
+        if (candidate / SIGNAL_CONFIG).is_file():
+            return candidate
+    return None
+
+
+def _load_signal_export(export_dir: Path, device: str) -> LoadedModel:
+    import json
+
+    from clip_train.data.signal_transforms import signal_transforms
+    from clip_train.models.dual import load_signal_model, signal_tokenizer
+    from clip_train.models.export import SIGNAL_PREPROCESS_NAME
+
+    net, model_cfg = load_signal_model(export_dir, device=device)
+    preprocess_cfg = json.loads((export_dir / SIGNAL_PREPROCESS_NAME).read_text())
+    _, preprocess = signal_transforms(preprocess_cfg["modality"], preprocess_cfg, augment=False)
+    net.eval()
+    return LoadedModel(model=net, preprocess=preprocess, tokenizer=signal_tokenizer(model_cfg), name=str(export_dir))
+
+
 def _check_has_weights(export_dir: Path) -> None:
     # open_clip only warns and returns a randomly initialised model when the folder holds no
     # weights; evaluating that by accident would report chance-level numbers as results.
@@ -96,6 +120,11 @@ def load_model(model: str, pretrained: str | None = None, device="cpu") -> Loade
     if model.startswith(LOCAL_DIR_SCHEMA):
         model = model[len(LOCAL_DIR_SCHEMA):]
     path = Path(model)
+    signal_dir = _signal_export_of(path)
+    if signal_dir is not None:
+        if pretrained is not None:
+            raise EvalError("--pretrained applies to open_clip model names only; an export directory has its weights")
+        return _load_signal_export(signal_dir, device)
     if path.is_dir():
         export_dir = _export_dir_of(path)
         if export_dir is None:

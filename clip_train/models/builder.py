@@ -32,8 +32,9 @@ class BuiltModel:
     train_transform: Callable
     eval_transform: Callable
     tokenizer: Callable
-    model_cfg: dict  # the open_clip model config, as exported next to the weights
+    model_cfg: dict  # the model config, as exported next to the weights
     preprocess_cfg: dict
+    modality: str = "image"  # image, audio or ecg: which shard member and decoder the data path uses
 
 
 def _read_config_file(path: Path) -> tuple[dict, dict]:
@@ -64,7 +65,8 @@ def resolve_model_config(name: str) -> tuple[dict, dict]:
             raise ModelError(f"unknown model {name!r}: not an open_clip model ({len(open_clip.list_models())} known, "
                              f"e.g. ViT-B-32), not bundled ({', '.join(bundled)}), not a .json/.yaml file")
         preprocess = {}
-    for section in ("vision_cfg", "text_cfg"):
+    tower_section = "signal_cfg" if "signal_cfg" in model_cfg else "vision_cfg"
+    for section in (tower_section, "text_cfg"):
         if section not in model_cfg:
             raise ModelError(f"model config for {name!r} has no {section!r}")
     return copy.deepcopy(model_cfg), dict(preprocess)
@@ -77,6 +79,9 @@ def build_model(name: str, *, pretrained: str = "", init_logit_bias: float | Non
     ``init_logit_bias`` adds SigLIP's learnable bias (and SigLIP's initial scale of 10).
     """
     model_cfg, preprocess_overrides = resolve_model_config(name)
+    if "signal_cfg" in model_cfg:
+        return build_signal_text_model(model_cfg, preprocess_overrides, pretrained=pretrained,
+                                       init_logit_bias=init_logit_bias, aug=aug)
     if init_logit_bias is not None:
         model_cfg["init_logit_bias"] = init_logit_bias
         model_cfg.setdefault("init_logit_scale", math.log(10))
@@ -106,6 +111,31 @@ def build_model(name: str, *, pretrained: str = "", init_logit_bias: float | Non
     if not aug:
         train_tf = eval_tf
     return BuiltModel(model, train_tf, eval_tf, tokenizer, model_cfg, preprocess_cfg)
+
+
+def build_signal_text_model(model_cfg: dict, preprocess_cfg: dict, *, pretrained: str = "",
+                            init_logit_bias: float | None = None, aug: bool = True) -> BuiltModel:
+    """An audio or ECG tower paired with open_clip's text tower (``clip_train.models.dual``)."""
+    from ..data.signal_transforms import signal_transforms
+    from .dual import build_signal_model, signal_tokenizer
+
+    modality = preprocess_cfg.get("modality")
+    if modality not in ("audio", "ecg"):
+        raise ModelError("an audio/ECG model config needs preprocess_cfg.modality: audio or ecg")
+    if init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = init_logit_bias
+        model_cfg.setdefault("init_logit_scale", math.log(10))
+    try:
+        model = build_signal_model(model_cfg)
+    except (KeyError, ValueError) as err:
+        raise ModelError(str(err).splitlines()[0]) from None
+    if pretrained:
+        if not Path(pretrained).is_file():
+            raise ModelError(f"pretrained weights not found: {pretrained} (only local files are loaded)")
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(pretrained), strict=True)
+    train_tf, eval_tf = signal_transforms(modality, preprocess_cfg, augment=aug)
+    return BuiltModel(model, train_tf, eval_tf, signal_tokenizer(model_cfg), model_cfg, preprocess_cfg, modality)
 
 
 def _initialise_caption_decoder(model: torch.nn.Module) -> None:
