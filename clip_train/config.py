@@ -276,10 +276,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, tree).validate()
 
 
-def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
-
-
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML, each field followed by its description."""
     lines: list[str] = []
