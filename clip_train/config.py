@@ -5,6 +5,7 @@ name the key and list the valid ones; cross-field rules are checked once, in ``C
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -256,14 +257,15 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), tree)
+    return deep_merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), tree)
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override``'s keys over ``base``'s, section by section; neither input is modified."""
+    merged = copy.deepcopy(base)
     for key, value in override.items():
         both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_sections else value
+        merged[key] = deep_merge(merged[key], value) if both_sections else value
     return merged
 
 

@@ -1,7 +1,6 @@
 """DeepSpeed: the ds_config generated from our YAML, process-group setup, and ``deepspeed.initialize``."""
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import logging
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import deep_merge
 from .distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,6 @@ def build_ds_config(cfg, world_size: int) -> dict:
     if ds.config_file:
         generated = deep_merge(generated, json.loads(Path(ds.config_file).read_text()))
     return generated
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _free_port() -> int:

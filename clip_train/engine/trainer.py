@@ -201,10 +201,9 @@ class Trainer:
     def compute_loss(self, inputs: TermInputs) -> tuple[torch.Tensor, dict]:
         return self.objective(inputs)
 
-    def _checked_loss(self, image_features, text_features, logit_scale, logit_bias=None):
+    def _checked_loss(self, *outputs):
         """GradCache's loss: stops before any backward through the model when the loss is not finite."""
-        loss, metrics = self.compute_loss(TermInputs(image_features, text_features, logit_scale.reshape(()),
-                                                     None if logit_bias is None else logit_bias.reshape(())))
+        loss, metrics = self.compute_loss(_base_term_inputs(*outputs))
         mean_loss = all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(mean_loss)
@@ -226,9 +225,7 @@ class Trainer:
 
     def _term_inputs(self, outputs, batch: dict) -> TermInputs:
         """The objective's inputs: the forward's outputs plus the second views the active terms need."""
-        image_features, text_features, logit_scale, *bias = as_tuple(outputs)
-        inputs = TermInputs(image_features, text_features, logit_scale.reshape(()),
-                            bias[0].reshape(()) if bias else None)
+        inputs = _base_term_inputs(*as_tuple(outputs))
         needs = self.objective.needs
         if IMAGE_VIEW2 in needs:
             view2 = batch[f"{self.data.modality.name}_view2"]
@@ -251,7 +248,8 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         self.engine.step()
-        with torch.no_grad(), self._full_weights(modify=True):  # CLIP clamps the learned temperature
+        with torch.no_grad(), self._full_weights([self.model.logit_scale], modify=True):
+            # CLIP clamps the learned temperature
             self.model.logit_scale.clamp_(0, math.log(self.cfg.model.max_logit_scale))
         self.step += 1
         self.step_in_epoch += 1
@@ -275,16 +273,18 @@ class Trainer:
                                 f"(last at step {self.step}): lower optim.lr, check the data, or use ds.precision=fp32")
 
     def _logit_scale(self) -> float:
-        with self._full_weights():
+        with self._full_weights([self.model.logit_scale]):
             return self.model.logit_scale.detach().float().exp().item()
 
-    def _full_weights(self, modify: bool = False):
-        """Under ZeRO-3 the parameters are partitioned: gather them for code that reads whole tensors."""
+    def _full_weights(self, params: list | None = None, modify: bool = False):
+        """Under ZeRO-3 the parameters are partitioned: gather ``params`` (default: all of them) for
+        code that reads whole tensors. Per-step uses name only the tensors they touch."""
         if self.cfg.ds.zero_stage < 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0 if modify else None)
+        params = list(self.model.parameters()) if params is None else params
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
     # --- signals ----------------------------------------------------------------------------------
 
@@ -372,6 +372,12 @@ class Trainer:
         if results:
             self.metrics.write({"step": self.step, **results})
         return results
+
+
+def _base_term_inputs(image_features, text_features, logit_scale, logit_bias=None) -> TermInputs:
+    """The two embeddings and the 0-dim scale (and bias) the loss terms take; the model holds them as shape [1]."""
+    return TermInputs(image_features, text_features, logit_scale.reshape(()),
+                      None if logit_bias is None else logit_bias.reshape(()))
 
 
 class NonFiniteLoss(Exception):
