@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("clip_train").setLevel(logging.INFO)
     from .data import DataError
     from .engine.checkpoint import CheckpointError, RunDirError
+    from .engine.ds_setup import LaunchEnvError
     from .engine.trainer import TrainingError
     from .models.builder import ModelError
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv[1:] if exporting else argv)
     try:
         return run_export(args) if exporting else run_train(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, RunDirError, TrainingError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError, RunDirError, TrainingError, LaunchEnvError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
 

@@ -109,3 +109,16 @@ def test_ds_config_file_must_exist():
 
     with pytest.raises(ConfigError, match="ds.config_file not found"):
         load_config(None, ["ds.config_file=/nonexistent.json"])
+
+
+def test_slurm_launch_without_master_addr_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    from clip_train.cli import main as train_main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert train_main([f"output_dir={tmp_path}", "data.train=unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("clip-train: error: SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT "
+                   "in the sbatch script")

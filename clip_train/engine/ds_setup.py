@@ -16,6 +16,10 @@ from .distributed import DistEnv
 log = logging.getLogger(__name__)
 
 
+class LaunchEnvError(ValueError):
+    """The launch environment lacks what the process group needs; the message says what to set."""
+
+
 def build_ds_config(cfg, world_size: int) -> dict:
     """The DeepSpeed config for ``cfg`` (a ``Config``), with ``ds.config_file`` merged over it."""
     ds = cfg.ds
@@ -59,7 +63,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
     elif env.launcher == "slurm":
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
+            raise LaunchEnvError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
         for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
             os.environ.setdefault(name, str(value))  # srun sets only SLURM_*
     if device.type == "cpu":
