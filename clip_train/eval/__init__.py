@@ -4,7 +4,9 @@ Two ways in:
 - `evaluate(model_spec, dataset, task)` loads a model from disk (run dir, export dir, or open_clip
   name + local weights) and returns CLIP_benchmark's result shape; `clip-eval` wraps it.
 - `run_training_eval(model, preprocess, tokenizer, ...)` evaluates a model being trained, in
-  process, and returns flat `"zeroshot/..."`, `"retrieval/..."` metrics for the logger.
+  process, and returns flat `"zeroshot/..."`, `"retrieval/..."`, `"multilabel/..."` metrics for
+  the logger. Inside a process group of several ranks every rank must call it: each scores a share
+  of the samples (see `sharding`, `parallel`) and all return the same metrics.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from clip_train.eval.datasets import (
     resolve_retrieval_shards,
 )
 from clip_train.eval.loading import EvalError, LoadedModel, load_model
+from clip_train.eval.parallel import evaluate_sharded
 from clip_train.eval.retrieval import zeroshot_retrieval
+from clip_train.eval.sharding import current_share
 from clip_train.eval.zeroshot import zeroshot_classification
 from clip_train.registry import Registry
 
@@ -50,7 +54,8 @@ class EvalTask:
     """An evaluation in two steps, so that a bad dataset is reported before a model is loaded.
 
     resolve(dataset path, templates file or None) -> a checked description of the data (cheap);
-    run(model, preprocess, tokenizer, resolved, batch_size, workers, device) -> metrics dict.
+    run(model, preprocess, tokenizer, resolved, batch_size, workers, device) -> metrics dict; the
+    tasks run_training_eval uses also take `signal_dtype=` (see zeroshot.encode_signal).
     """
 
     resolve: Callable[[Any, Any], Any]
@@ -60,9 +65,10 @@ class EvalTask:
 EVAL_TASKS: Registry[EvalTask] = Registry("eval task")
 
 
-def _run_classification(model, preprocess, tokenizer, source, batch_size, workers, device) -> dict:
+def _run_classification(model, preprocess, tokenizer, source, batch_size, workers, device, signal_dtype=None) -> dict:
     loader = make_loader(open_classification_set(source, preprocess), batch_size, workers)
-    return zeroshot_classification(model, tokenizer, loader, source.classnames, source.templates, device)
+    return zeroshot_classification(model, tokenizer, loader, source.classnames, source.templates, device,
+                                   signal_dtype=signal_dtype)
 
 
 def _resolve_retrieval(dataset, templates):
@@ -71,9 +77,9 @@ def _resolve_retrieval(dataset, templates):
     return resolve_retrieval_shards(dataset)
 
 
-def _run_retrieval(model, preprocess, tokenizer, shards, batch_size, workers, device) -> dict:
+def _run_retrieval(model, preprocess, tokenizer, shards, batch_size, workers, device, signal_dtype=None) -> dict:
     loader = make_loader(open_retrieval_set(shards, preprocess), batch_size, workers)
-    return zeroshot_retrieval(model, tokenizer, loader, device)
+    return zeroshot_retrieval(model, tokenizer, loader, device, signal_dtype=signal_dtype)
 
 
 def _run_captioning(model, preprocess, tokenizer, shards, batch_size, workers, device) -> dict:
@@ -87,11 +93,12 @@ def _run_captioning(model, preprocess, tokenizer, shards, batch_size, workers, d
 
 EVAL_TASKS.register("zeroshot_classification")(EvalTask(resolve_classification_set, _run_classification))
 EVAL_TASKS.register("zeroshot_retrieval")(EvalTask(_resolve_retrieval, _run_retrieval))
-def _run_multilabel(model, preprocess, tokenizer, source, batch_size, workers, device) -> dict:
+def _run_multilabel(model, preprocess, tokenizer, source, batch_size, workers, device, signal_dtype=None) -> dict:
     from .multilabel import open_multilabel_set, zeroshot_multilabel
 
     loader = make_loader(open_multilabel_set(source, preprocess), batch_size, workers)
-    return zeroshot_multilabel(model, tokenizer, loader, source.classnames, source.templates, device)
+    return zeroshot_multilabel(model, tokenizer, loader, source.classnames, source.templates, device,
+                               signal_dtype=signal_dtype)
 
 
 EVAL_TASKS.register("captioning")(EvalTask(_resolve_retrieval, _run_captioning))
@@ -130,6 +137,11 @@ def evaluate(model_spec, dataset, task, *, pretrained=None, templates=None, batc
     }
 
 
+# run_training_eval's result prefix -> the task it runs
+TRAINING_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
+                  "multilabel": "zeroshot_multilabel"}
+
+
 def run_training_eval(
     model,
     preprocess,
@@ -139,24 +151,39 @@ def run_training_eval(
     device="cpu",
     batch_size=256,
     workers=0,
+    signal_dtype=None,
+    multilabel_path=None,
 ) -> dict:
     """Evaluate a model being trained; returns e.g. {"zeroshot/acc1": ..., "retrieval/
-    image_retrieval_recall@1": ...}. Metrics that are undefined (acc5 with fewer than 5 classes)
-    and tasks whose path is None are left out. The model is put in eval mode and given back in the
-    mode it came in, gradients off throughout.
+    image_retrieval_recall@1": ..., "multilabel/macro_auroc": ...}. Metrics that are undefined
+    (acc5 with fewer than 5 classes) and tasks whose path is None are left out. The model is put in
+    eval mode and given back in the mode it came in, gradients off throughout.
+
+    With a process group of W > 1 ranks, EVERY rank must call this with the same arguments (and the
+    model's full weights): each rank reads and scores a disjoint share of the samples with
+    `workers` loader workers, and all return the same metrics, those of a single-process run.
+    `signal_dtype` (e.g. torch.bfloat16, the dtype DeepSpeed cast the towers to) is the dtype the
+    signal batch is cast to before encode_image; features are scored in float32 regardless.
     """
-    tasks = {"zeroshot": ("zeroshot_classification", zeroshot_path), "retrieval": ("zeroshot_retrieval", retrieval_path)}
+    paths = {"zeroshot": zeroshot_path, "retrieval": retrieval_path, "multilabel": multilabel_path}
+    share = current_share()
     was_training = model.training
     model.eval()
     results = {}
     try:
         with torch.no_grad():
-            for prefix, (task, path) in tasks.items():
+            for prefix, path in paths.items():
                 if path is None:
                     continue
+                task = TRAINING_TASKS[prefix]
                 eval_task = EVAL_TASKS.get(task)
-                resolved = eval_task.resolve(path, None)
-                task_metrics = eval_task.run(model, preprocess, tokenizer, resolved, batch_size, workers, device)
+                if share is None:
+                    resolved = eval_task.resolve(path, None)
+                    task_metrics = eval_task.run(model, preprocess, tokenizer, resolved, batch_size, workers, device,
+                                                 signal_dtype=signal_dtype)
+                else:
+                    task_metrics = evaluate_sharded(task, eval_task.resolve, model, preprocess, tokenizer, path,
+                                                    batch_size, workers, device, signal_dtype, share)
                 results.update({f"{prefix}/{k}": v for k, v in task_metrics.items() if v is not None})
     finally:
         model.train(was_training)

@@ -15,6 +15,9 @@ space in the class name).
 
 Retrieval set layout: shards with KEY.jpg (or audio/ECG) and KEY.txt, the .txt holding one or several captions,
 one per line (empty lines dropped).
+
+Each `open_*` takes an optional `share` (see `sharding`): inside a multi-rank evaluation it keeps
+only this rank's samples and puts each one's global index in front of its example.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torchvision.datasets.folder import find_classes
 
 from clip_train.data.modalities import MODALITIES
 from clip_train.eval.loading import EvalError
+from clip_train.eval.sharding import IndexedSubset, Share, collate_indexed, indexed_example, split_stages
 
 MEDIA_EXTENSIONS = tuple(ext for name in MODALITIES.names() for ext in MODALITIES.get(name).extensions)
 CLASSNAMES_FILE = "classnames.txt"
@@ -82,26 +86,46 @@ def _shard_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def _is_wanted_member(fname: str, extensions: tuple[str, ...]) -> bool:
+    base = fname.rsplit("/", 1)[-1]
+    return "." in base and base.split(".", 1)[1].lower() in extensions
+
+
 def _member_selector(extensions: tuple[str, ...]) -> Callable[[str], bool]:
     """Keeps tar members whose extension (after the first dot of the name, as webdataset groups
-    them) is one of `extensions`; all other members are skipped without being read."""
-
-    def keep(fname: str) -> bool:
-        base = fname.rsplit("/", 1)[-1]
-        return "." in base and base.split(".", 1)[1].lower() in extensions
-
-    return keep
+    them) is one of `extensions`; all other members are skipped without being read. A partial of a
+    module-level function, not a closure: loader workers started by "spawn" must pickle it."""
+    return functools.partial(_is_wanted_member, extensions=extensions)
 
 
-def _shard_pipeline(shards: list[Path], extensions: tuple[str, ...]) -> wds.WebDataset:
-    return wds.WebDataset(
-        [str(s) for s in shards],
+def _shard_pipeline(shards: list[Path], extensions: tuple[str, ...], share: Share | None = None) -> wds.WebDataset:
+    """Grouped (undecoded) samples of `shards`; with a share, only this rank's, each tagged with
+    its global index."""
+    urls = [str(s) for s in shards]
+    # Without a share, whoever calls evaluation reads every shard, even inside a distributed job.
+    nodesplitter, tag = (None, None) if share is None else split_stages(urls, share)
+    pipeline = wds.WebDataset(
+        urls,
         shardshuffle=False,  # evaluation order is the file order, run after run
-        nodesplitter=None,  # whoever calls evaluation reads every shard, even inside a distributed job
+        nodesplitter=nodesplitter,
         workersplitter=wds.split_by_worker,
         select_files=_member_selector(extensions),
-        empty_check=False,  # a worker left without a shard is fine; emptiness is checked by the task
+        empty_check=False,  # a worker or rank left without a shard is fine; emptiness is checked by the task
     )
+    return pipeline if tag is None else pipeline.compose(tag)
+
+
+def map_examples(pipeline, example: Callable, share: Share | None, collate: Callable | None = None):
+    """`pipeline` mapped through `example`; with a share each example leads with its global index
+    and the collate function (`collate_fn`, read by make_loader) stacks those indices too."""
+    if share is None:
+        dataset = pipeline.map(example)
+        if collate is not None:
+            dataset.collate_fn = collate
+        return dataset
+    dataset = pipeline.map(functools.partial(indexed_example, example=example))
+    dataset.collate_fn = functools.partial(collate_indexed, collate=collate)
+    return dataset
 
 
 def _sample_name(sample: dict) -> str:
@@ -202,18 +226,19 @@ def resolve_classification_set(path, templates_file=None) -> ClassificationSourc
     return source
 
 
-def open_classification_set(source: ClassificationSource, transform: Transform):
-    """Dataset yielding (image tensor, class index); it carries `.classes` (the class names), as
-    CLIP_benchmark's datasets do."""
+def open_classification_set(source: ClassificationSource, transform: Transform, share: Share | None = None):
+    """Dataset yielding (image tensor, class index), or (global index, image, class index) with a
+    share; it carries `.classes` (the class names), as CLIP_benchmark's datasets do."""
     if source.shards:
-        dataset = _shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls",)).map(
-            functools.partial(_classification_example, transform=transform)
-        )
+        dataset = map_examples(_shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls",), share),
+                               functools.partial(_classification_example, transform=transform), share)
     else:
         try:
             dataset = ImageFolder(str(source.folder), transform=transform)
         except (FileNotFoundError, OSError) as exc:
             raise EvalError(f"not a usable image folder: {source.folder}: {exc}") from None
+        if share is not None:
+            dataset = IndexedSubset(dataset, share)
     dataset.classes = source.classnames
     return dataset
 
@@ -236,13 +261,11 @@ def resolve_retrieval_shards(path) -> list[Path]:
     return shards
 
 
-def open_retrieval_set(shards: list[Path], transform: Transform) -> IterableDataset:
-    """Dataset yielding (image tensor, list of captions); batches keep a list of caption lists."""
-    dataset = _shard_pipeline(shards, MEDIA_EXTENSIONS + ("txt",)).map(
-        functools.partial(_retrieval_example, transform=transform)
-    )
-    dataset.collate_fn = collate_image_captions
-    return dataset
+def open_retrieval_set(shards: list[Path], transform: Transform, share: Share | None = None) -> IterableDataset:
+    """Dataset yielding (image tensor, list of captions), led by the global index with a share;
+    batches keep a list of caption lists."""
+    return map_examples(_shard_pipeline(shards, MEDIA_EXTENSIONS + ("txt",), share),
+                        functools.partial(_retrieval_example, transform=transform), share, collate_image_captions)
 
 
 def build_retrieval_set(path, transform: Transform) -> IterableDataset:

@@ -13,7 +13,7 @@ import json
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .datasets import MEDIA_EXTENSIONS, _shard_pipeline, decode_class_index, decode_media
+from .datasets import MEDIA_EXTENSIONS, _shard_pipeline, decode_class_index, decode_media, map_examples
 from .loading import EvalError
 from .metrics import topk_accuracy
 from .zeroshot import classify, zeroshot_classifier
@@ -30,11 +30,13 @@ def _multilabel_example(sample: dict, transform, num_classes: int):
     return transform(decode_media(sample)), target
 
 
-def open_multilabel_set(source, transform):
+def open_multilabel_set(source, transform, share=None):
+    """Dataset yielding (signal tensor, multi-hot target (C,)), led by the global index with a share."""
     if not source.shards:
         raise EvalError("zeroshot_multilabel reads clip-prep shards (KEY.json labels or KEY.cls), not a folder")
-    return _shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls", "json")).map(
-        functools.partial(_multilabel_example, transform=transform, num_classes=len(source.classnames)))
+    return map_examples(_shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls", "json"), share),
+                        functools.partial(_multilabel_example, transform=transform, num_classes=len(source.classnames)),
+                        share)
 
 
 def best_threshold_f1(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -65,7 +67,7 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
     return result
 
 
-def zeroshot_multilabel(model, tokenizer, dataloader, classnames, templates, device) -> dict:
+def zeroshot_multilabel(model, tokenizer, dataloader, classnames, templates, device, signal_dtype=None) -> dict:
     classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device)
-    scores, targets = classify(model, classifier, dataloader, device)
+    scores, targets = classify(model, classifier, dataloader, device, signal_dtype=signal_dtype)
     return multilabel_metrics(scores.float(), targets.float())

@@ -35,27 +35,50 @@ def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: 
     return torch.stack(columns, dim=1)
 
 
+def encode_signal(model, signals: torch.Tensor, device, signal_dtype=None) -> torch.Tensor:
+    """Image/audio/ECG features in float32.
+
+    The batch is cast to `signal_dtype` first when one is given: under bf16/fp16 training
+    DeepSpeed has cast the towers' weights, and a conv or linear layer wants input of its weights'
+    dtype. The features go back to float32 so that every metric is computed at full precision.
+    """
+    return model.encode_image(signals.to(device, dtype=signal_dtype)).float()
+
+
 @torch.no_grad()
-def classify(model, classifier: torch.Tensor, dataloader: Iterable, device, amp=False):
-    """(logits (N, C), targets (N,)) for every image of the loader, on the CPU."""
+def score_batches(model, classifier: torch.Tensor, dataloader: Iterable, device, amp=False, signal_dtype=None):
+    """(logits (N, C), targets) on the CPU for every sample of the loader, or None when it yields
+    nothing (in a multi-rank evaluation a rank's share may be empty)."""
     all_logits, all_targets = [], []
     for images, targets in dataloader:
         with autocast_context(device, amp):
-            image_features = model.encode_image(images.to(device))
+            image_features = encode_signal(model, images, device, signal_dtype)
         all_logits.append(metrics.classification_logits(image_features, classifier).cpu())
         all_targets.append(torch.as_tensor(targets).cpu())
     if not all_logits:
-        raise EvalError("the classification dataset yielded no samples")
+        return None
     return torch.cat(all_logits), torch.cat(all_targets)
 
 
-def zeroshot_classification(model, tokenizer, dataloader, classnames, templates, device, amp=False) -> dict:
+def classify(model, classifier: torch.Tensor, dataloader: Iterable, device, amp=False, signal_dtype=None):
+    """(logits (N, C), targets (N,)) for every image of the loader, on the CPU."""
+    scored = score_batches(model, classifier, dataloader, device, amp=amp, signal_dtype=signal_dtype)
+    if scored is None:
+        raise EvalError("the classification dataset yielded no samples")
+    return scored
+
+
+def classification_result(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
+    """The metrics of `metrics.classification_metrics`, after checking every target is a class."""
+    out_of_range = (targets < 0) | (targets >= num_classes)
+    if out_of_range.any():
+        raise EvalError(f"class index {int(targets[out_of_range][0])} out of range for {num_classes} class names")
+    return metrics.classification_metrics(logits, targets)
+
+
+def zeroshot_classification(model, tokenizer, dataloader, classnames, templates, device, amp=False,
+                            signal_dtype=None) -> dict:
     """acc1, acc5 (None with fewer than 5 classes) and mean_per_class_recall over the loader."""
     classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, amp=amp)
-    logits, targets = classify(model, classifier, dataloader, device, amp=amp)
-    out_of_range = (targets < 0) | (targets >= len(classnames))
-    if out_of_range.any():
-        raise EvalError(
-            f"class index {int(targets[out_of_range][0])} out of range for {len(classnames)} class names"
-        )
-    return metrics.classification_metrics(logits, targets)
+    logits, targets = classify(model, classifier, dataloader, device, amp=amp, signal_dtype=signal_dtype)
+    return classification_result(logits, targets, len(classnames))
