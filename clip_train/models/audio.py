@@ -11,10 +11,24 @@ Crop policy (long audio):
 - training: the data pipeline calls :func:`random_crop` to cut each waveform to ``clip_samples``
   (zero-padding short ones), so batches have a fixed shape and the randomness comes from the
   loader's seeded generator. The tower encodes whatever it is given.
-- evaluation: the tower itself, in eval mode (``not self.training``), splits inputs longer than
-  ``clip_samples`` into evenly spaced crops covering the whole clip (:func:`eval_crop_starts`),
-  encodes each and returns the **mean of the crop features** (before the dual encoder's linear
-  projection, so it equals the mean of projected crop embeddings too).
+- evaluation: the eval transform (``clip_train.data.signal_transforms``) keeps the whole clip and
+  cuts it into at most ``max_eval_crops`` evenly spaced ``clip_samples`` crops covering it
+  (:func:`eval_crop_starts`: the first at 0, the last ending at the clip's end; a clip no longer than
+  ``clip_samples`` is one zero-padded crop). :func:`pack_eval_crops` lays them out as one
+  fixed-shape tensor so clips of any length batch with torch's default collate:
+
+  ``(max_eval_crops, clip_samples + 1)``: row ``i`` is crop ``i`` (samples in ``[:, :clip_samples]``)
+  followed by a flag in the last column, ``1.0`` for a real crop and ``0.0`` for a padding row (all
+  zeros). Real crops come first. The flag is exact in any float dtype (bf16 included), and no
+  NaN sentinel is involved.
+
+  The tower recognises this layout by its rank: a ``(B, max_eval_crops, clip_samples + 1)`` input
+  (in either mode) is encoded crop by crop, real crops only, and the result is the **mean of the
+  real crops' features** (tower features, before the dual encoder's bias-free linear projection,
+  so it equals the mean of the projected crop embeddings too; normalisation, where asked for,
+  comes after the mean). In eval mode the tower does the same to a raw ``(B, samples)`` input longer
+  than ``clip_samples`` (crops at ``eval_crop_starts(samples, clip_samples, max_eval_crops)``), so
+  the packed and the raw path agree.
 """
 from __future__ import annotations
 
@@ -146,8 +160,35 @@ def eval_crop_starts(total: int, clip_samples: int, max_crops: int | None = None
     if total <= clip_samples:
         return [0]
     n = math.ceil(total / clip_samples)
-    n = max(2, min(n, max_crops)) if max_crops else n
+    n = min(n, max_crops) if max_crops else n  # max_crops=1: the first window only
     return [int(round(s)) for s in np.linspace(0, total - clip_samples, n)]
+
+
+def pack_eval_crops(wave: torch.Tensor, clip_samples: int, max_crops: int) -> torch.Tensor:
+    """The eval layout of a clip (last axis is time): ``(..., max_crops, clip_samples + 1)``.
+
+    Row ``i < n`` holds crop ``i`` at ``eval_crop_starts(total, clip_samples, max_crops)[i]`` and
+    ``1.0`` in its last column; rows ``n..max_crops-1`` are zeros, flag ``0.0``. A clip shorter than
+    ``clip_samples`` is zero-padded at the end into one crop.
+    """
+    if max_crops < 1:
+        raise ValueError(f"max_crops must be >= 1, not {max_crops}")
+    total = wave.shape[-1]
+    starts = eval_crop_starts(total, clip_samples, max_crops)
+    if total < clip_samples:
+        wave = F.pad(wave, (0, clip_samples - total))
+    out = wave.new_zeros(*wave.shape[:-1], max_crops, clip_samples + 1)
+    out[..., :len(starts), :clip_samples] = torch.stack([wave[..., s:s + clip_samples] for s in starts], dim=-2)
+    out[..., :len(starts), clip_samples] = 1
+    return out
+
+
+def unpack_eval_crops(packed: torch.Tensor, clip_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_eval_crops` for a batch: ``(crops (B, K, clip_samples), real (B, K) bool)``."""
+    if packed.dim() != 3 or packed.shape[-1] != clip_samples + 1:
+        raise ValueError(f"packed eval crops must be (batch, crops, clip_samples + 1 = {clip_samples + 1}); "
+                         f"got {tuple(packed.shape)}")
+    return packed[..., :clip_samples], packed[..., clip_samples] > 0.5
 
 
 def random_gain(wave: torch.Tensor, db_range=(-6.0, 6.0), generator: torch.Generator | None = None) -> torch.Tensor:
@@ -218,13 +259,31 @@ class AudioTower(SignalTower):
         return self.features(self.spec_norm(spec.to(dtype)))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, samples)`` waveforms or ``(B, K, clip_samples + 1)`` packed eval crops -> ``(B, output_dim)``."""
+        if wave.dim() == 3:  # the eval transform's layout (pack_eval_crops), whatever the mode
+            return self.mean_of_crops(*unpack_eval_crops(wave, self.clip_samples))
         total = wave.shape[-1]
         if self.training or total <= self.clip_samples:
             return self.encode(wave)
         starts = eval_crop_starts(total, self.clip_samples, self.max_eval_crops)
         crops = torch.stack([wave[:, s:s + self.clip_samples] for s in starts], dim=1)
-        feats = self.encode(crops.flatten(0, 1))
-        return feats.view(wave.shape[0], len(starts), -1).mean(dim=1)
+        return self.mean_of_crops(crops, torch.ones(crops.shape[:2], dtype=torch.bool, device=crops.device))
+
+    def mean_of_crops(self, crops: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Mean of the features of the real crops of each row: ``crops`` ``(B, K, samples)``,
+        ``real`` ``(B, K)`` bool. Only real crops are encoded; in eval mode at most ``B`` at a time,
+        so the activation memory is that of a batch of single crops."""
+        counts = real.sum(dim=1)
+        if bool((counts == 0).any()):
+            raise ValueError("every clip needs at least one real crop (flag 1.0 in the last column)")
+        flat = crops[real]  # (N, samples), row-major: all crops of clip 0, then clip 1, ...
+        chunk = max(1, len(flat) if self.training else crops.shape[0])
+        feats = torch.cat([self.encode(part) for part in flat.split(chunk)])
+        rows = real.nonzero()[:, 0]
+        acc = torch.promote_types(feats.dtype, torch.float32)  # sum bf16 features in float32
+        sums = torch.zeros(crops.shape[0], feats.shape[-1], dtype=acc, device=feats.device)
+        sums.index_add_(0, rows, feats.to(acc))
+        return (sums / counts.unsqueeze(1).to(acc)).to(feats.dtype)
 
 
 class AudioTransformer(AudioTower):
