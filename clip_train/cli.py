@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, to_yaml
 
-
+log = logging.getLogger("clip_train")
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-train", description="Train a CLIP-style dual encoder.",
@@ -44,26 +44,44 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # parse and validate before any heavy import
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .engine.trainer import Trainer, TrainingError
+    from .preflight import preflight
+
+    preflight(cfg, args.resume)  # every path and setting, before a model is built
+    from .engine.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         results = trainer.train()
-    except RuntimeError as err:
-        if not trainer.env.distributed or isinstance(err, TrainingError):
-            raise
-        # A peer that died surfaces as a failed collective (connection reset, timeout): say so in one line.
-        print(f"clip-train: error: rank {trainer.env.rank}: a collective operation failed, most likely because "
-              f"another rank died (see its log); resume with --resume latest. ({str(err).splitlines()[0][:200]})",
-              file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 - reported in one line below, the traceback goes to the log
+        return _report_failure(err, trainer)
     if results and trainer.env.is_main:
         print("final evaluation: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return 0
+
+
+def _report_failure(err: Exception, trainer) -> int:
+    """One line on stderr, the traceback in the log; a failed collective says where it happened."""
+    from .engine.faults import describe_failure
+
+    if not isinstance(err, _one_line_errors()):
+        log.error("rank %d: %s failed", trainer.env.rank, trainer.phase, exc_info=err)
+    print(f"clip-train: error: {describe_failure(err, trainer.env.rank, trainer.phase)}", file=sys.stderr)
+    return 2 if isinstance(err, _one_line_errors()) else 1
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message already says what to change: no traceback needed."""
+    from .data import DataError
+    from .engine.checkpoint import CheckpointError, RunDirError
+    from .engine.ds_setup import LaunchEnvError
+    from .engine.trainer import TrainingError
+    from .models.builder import ModelError
+
+    return ConfigError, DataError, ModelError, CheckpointError, RunDirError, TrainingError, LaunchEnvError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,21 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     # open_clip logs its model-building chatter on the root logger; keep ours at INFO and the rest quieter.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clip_train").setLevel(logging.INFO)
-    from .data import DataError
-    from .engine.checkpoint import CheckpointError, RunDirError
-    from .engine.ds_setup import LaunchEnvError
-    from .engine.trainer import TrainingError
-    from .models.builder import ModelError
-
     exporting = bool(argv) and argv[0] == "export"
     parser = _export_parser() if exporting else _train_parser()
     # Intermixed: overrides may come before or after the flags (clip-train --overwrite a=1 --resume latest b=2).
     args = parser.parse_intermixed_args(argv[1:] if exporting else argv)
     try:
         return run_export(args) if exporting else run_train(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, RunDirError, TrainingError, LaunchEnvError) as err:
+    except ConfigError as err:  # before the heavy imports: a typo is reported in about a second
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if isinstance(err, _one_line_errors()):
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -71,16 +71,20 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = option(1, "passes over train_num_samples")
-    max_steps: int = option(0, "stop after this many optimizer steps; 0 means epochs decide")
+    steps: int = option(0, "stop after this many optimizer steps; 0 means epochs decide")
     seed: int = option(0, "random seed (model init, shuffling, augmentation)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch intra-op threads on CPU; 0 keeps torch's default")
     log_every: int = option(10, "write metrics every N steps")
-    save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
     accum_steps: int = option(1, "GradCache: micro-batches per step; the contrastive batch is batch_size x accum_steps x world size")
     max_nonfinite: int = option(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
     dist_timeout_s: int = option(600, "timeout of collectives: a dead rank ends the job instead of hanging it")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep: int = option(2, "how many step checkpoints to keep (0 keeps all)")
 
 
 @dataclass
@@ -122,6 +126,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -134,13 +139,13 @@ class Config:
             (self.loss.tile_size > 0, "loss.tile_size must be positive"),
             (self.data.batch_size >= 2, "data.batch_size must be >= 2: a contrastive batch needs negatives"),
             (self.data.workers >= 0, "data.workers must be >= 0"),
-            (self.train.epochs > 0 or self.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
+            (self.train.epochs > 0 or self.train.steps > 0, "set train.epochs > 0 or train.steps > 0"),
             (self.optim.lr > 0, "optim.lr must be positive"),
             (0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr must lie between 0 and optim.lr"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.model.max_logit_scale > 1, "model.max_logit_scale must be > 1"),
-            (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.max_steps <= 0),
-             "data.resampled=true streams forever: set data.train_num_samples or train.max_steps"),
+            (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.steps <= 0),
+             "data.resampled=true streams forever: set data.train_num_samples or train.steps"),
             (self.output_dir != "", "output_dir must not be empty"),
             (self.ds.zero_stage in (0, 1, 2, 3), f"ds.zero_stage={self.ds.zero_stage}: use 0, 1, 2 or 3"),
             (self.ds.precision in ("fp32", "bf16", "fp16"), f"ds.precision={self.ds.precision!r}: use fp32, bf16 or fp16"),

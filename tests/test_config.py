@@ -55,9 +55,9 @@ def test_int_accepted_where_float_expected_and_scientific_notation():
 
 
 def test_cross_field_resampled_needs_a_length():
-    with pytest.raises(ConfigError, match="train_num_samples or train.max_steps"):
+    with pytest.raises(ConfigError, match="train_num_samples or train.steps"):
         load_config(None, ["data.resampled=true"])
-    assert load_config(None, ["data.resampled=true", "train.max_steps=10"]).data.resampled
+    assert load_config(None, ["data.resampled=true", "train.steps=10"]).data.resampled
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -77,7 +77,7 @@ def trainer(demo, run_dir, *overrides):
 def test_every_term_trains_and_is_logged_under_its_name(demo_dataset, tmp_path):
     terms = ["intra_image=0.5", "intra_text=0.5", "embed_dropout=0.5", "uniformity=0.1", "alignment=0.1",
              "dcl=0.5", "hard_negative=0.5"]
-    run = trainer(demo_dataset, tmp_path, "train.max_steps=2", *(f"objective.terms.{t}" for t in terms))
+    run = trainer(demo_dataset, tmp_path, "train.steps=2", *(f"objective.terms.{t}" for t in terms))
     batch = next(iter(run.data.epoch_batches(0)))
     assert {"image_view2", "text_view1", "text_view2"} <= set(batch)
     assert not torch.equal(batch["image"], batch["image_view2"])  # two augmentations of the same images

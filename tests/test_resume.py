@@ -17,8 +17,8 @@ STEPS = 10
 def command(demo, run_dir, *extra):
     # workers=1 and augmentation on: the data position and the workers' random crops must both replay.
     return [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo}/train",
-            f"output_dir={run_dir}", "data.batch_size=32", "data.workers=1", f"train.max_steps={STEPS}",
-            "train.save_every=2", "train.log_every=1", "optim.warmup_steps=3", "eval.zeroshot=",
+            f"output_dir={run_dir}", "data.batch_size=32", "data.workers=1", f"train.steps={STEPS}",
+            "checkpoint.every_steps=2", "train.log_every=1", "optim.warmup_steps=3", "eval.zeroshot=",
             "eval.retrieval=", *extra]
 
 

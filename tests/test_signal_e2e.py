@@ -61,7 +61,7 @@ def test_train_export_and_evaluate_a_signal_model(modality, tmp_path):
     run = tmp_path / "run"
     assert train_main(["--config", DEMO_CONFIG, f"model.name={model}", f"data.train={train}", f"output_dir={run}",
                        f"eval.zeroshot={test}", f"eval.retrieval={retrieval}", "data.batch_size=8", "data.workers=0",
-                       "train.max_steps=3", "train.log_every=1", "objective.terms.intra_image=0.5"]) == 0
+                       "train.steps=3", "train.log_every=1", "objective.terms.intra_image=0.5"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and "intra_image" in records[0]
     assert "zeroshot/acc1" in records[-1]

@@ -16,14 +16,14 @@ from project_paths import DEMO_CONFIG
 @pytest.fixture(scope="module")
 def run(demo_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    assert train_main(train_args(demo_dataset, run_dir, "train.max_steps=6")) == 0
+    assert train_main(train_args(demo_dataset, run_dir, "train.steps=6")) == 0
     return run_dir
 
 
 def train_args(demo, run_dir, *extra):
     return ["--config", DEMO_CONFIG, f"data.train={demo}/train", f"eval.zeroshot={demo}/test",
             f"eval.retrieval={demo}/retrieval", f"output_dir={run_dir}", "data.batch_size=32",
-            "train.log_every=1", "train.save_every=3", "eval.every=3", "eval.batch_size=128", *extra]
+            "train.log_every=1", "checkpoint.every_steps=3", "eval.every=3", "eval.batch_size=128", *extra]
 
 
 def read_metrics(run_dir):
@@ -85,8 +85,8 @@ def test_export_subcommand_writes_the_checkpoint_weights(run, tmp_path):
 
 
 def test_rerun_refuses_then_resume_continues(run, demo_dataset, capsys):
-    assert train_main(train_args(demo_dataset, run, "train.max_steps=8")) == 2
+    assert train_main(train_args(demo_dataset, run, "train.steps=8")) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert train_main(train_args(demo_dataset, run, "train.max_steps=8", "--resume", "latest")) == 0
+    assert train_main(train_args(demo_dataset, run, "train.steps=8", "--resume", "latest")) == 0
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
