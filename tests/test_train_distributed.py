@@ -31,13 +31,14 @@ def fixed_batch(tokenizer):
 
 
 def gradients_after_one_backward(cfg, rows: slice):
+    from clip_train.engine.distributed import all_reduce_mean
     from clip_train.engine.trainer import Trainer
 
     trainer = Trainer(cfg)
     images, text = fixed_batch(trainer.built.tokenizer)
     loss, _ = trainer.forward_backward([{"image": images[rows], "text": text[rows]}])
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
-    return loss, grads
+    return float(all_reduce_mean(loss)), grads  # the mean over ranks, as a logging step reports it
 
 
 def rank_gradients(rank, world, demo, run, kind):
@@ -69,7 +70,7 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo_dataset, tmp_path):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={demo_dataset}/train",
-             f"output_dir={run}", "data.workers=0", "data.batch_size=16", "train.max_steps=1000", "train.log_every=1",
+             f"output_dir={run}", "data.workers=0", "data.batch_size=16", "train.steps=1000", "train.log_every=1",
              "train.dist_timeout_s=30", "eval.zeroshot=", "eval.retrieval="],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     metrics = run / "metrics.jsonl"

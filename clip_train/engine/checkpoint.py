@@ -1,8 +1,8 @@
 """Resumable checkpoints: ``RUN/checkpoints/step_XXXXXXXX/``, written atomically by all ranks together.
 
 Layout of one checkpoint: ``ds/`` (DeepSpeed's model, optimizer and scheduler states, ZeRO partitions
-included), ``rng_rank{R}.pt`` (every rank's random state), ``weights.safetensors`` (the full fp32
-weights; absent for ZeRO-3, whose weights are consolidated from ``ds/`` at export) and
+included), ``rng_rank{R}.pt`` (every rank's random state), ``weights.safetensors`` (the fp32 master
+weights, gathered from DeepSpeed's optimizer in every ZeRO stage and precision) and
 ``model.json`` (model + preprocess config). Everything is first written under ``.partial-step_X``
 and renamed into place once complete, so a run killed while saving never leaves a ``step_*``
 directory that is partial. Our own files are loaded with ``weights_only=True`` or safetensors;
@@ -73,8 +73,38 @@ def read_rank_state(directory: Path, rank: int) -> dict:
 
 
 def write_weights(directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in state_dict.items()},
-              str(Path(directory) / "weights.safetensors"))
+    """The fp32 master weights (floating tensors as fp32; integer buffers keep their type)."""
+    save_file({k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state_dict.items()}, str(Path(directory) / "weights.safetensors"))
+
+
+def check_shared_filesystem(run_dir: Path, rank: int, world_size: int) -> None:
+    """Every rank must see the directory rank 0 writes: a checkpoint is written by all ranks into
+    one directory and renamed by rank 0, so on node-local disks it would end up split across nodes.
+    Collective: rank 0 writes a token, every rank reads it back, all agree; a one-line error otherwise."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    probe = Path(run_dir) / f".shared-fs-probe-{os.getpid()}"
+    token = [f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(64)}" if rank == 0 else None, str(probe)]
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(token[1])
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    sees = probe.is_file() and probe.read_text() == token[0]
+    seen_by = [None] * world_size
+    dist.all_gather_object(seen_by, (rank, os.uname().nodename, sees))
+    dist.barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, host, ok in seen_by if not ok]
+    if blind:
+        raise RunDirError(f"output_dir {run_dir} is not one directory shared by all ranks: {', '.join(blind[:4])} "
+                          f"cannot see the files rank 0 writes there; checkpoints need a shared filesystem "
+                          f"(put output_dir on one, e.g. NFS or Lustre, with the same absolute path on every node)")
 
 
 def commit(run_dir: Path, step: int, model_info: dict, keep: int) -> Path:
@@ -119,7 +149,8 @@ def read_model_info(path: Path) -> dict:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint; ZeRO-3 partitions are consolidated by DeepSpeed's tool."""
+    """The full fp32 weights of a checkpoint: ``weights.safetensors``, or, for a checkpoint without it
+    (ZeRO-3 runs of earlier versions), the partitions in ``ds/`` consolidated by DeepSpeed's tool."""
     path = Path(path)
     if (path / "weights.safetensors").is_file():
         return load_file(str(path / "weights.safetensors"))

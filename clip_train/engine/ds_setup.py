@@ -85,3 +85,16 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
     return engine, ds_optimizer, ds_scheduler
+
+
+def after_skipped_step(optimizer) -> None:
+    """Put ZeRO-3 back in its between-steps state after DeepSpeed skipped a non-finite step.
+
+    DeepSpeed 0.19's ZeRO-3 ``step`` partitions every parameter first and, on overflow, returns
+    before its ``_post_step``, which all-gathers the small "persistent" parameters again. The next
+    forward then has to fetch parameters that its recorded trace does not list and fails with
+    "tracing error ... expected the next N parameters". Gathering them here is what ``_post_step``
+    would have done (a collective: every rank skips the same step)."""
+    persistent = getattr(optimizer, "persistent_parameters", None)
+    if persistent:
+        persistent[0].all_gather(persistent)

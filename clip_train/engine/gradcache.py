@@ -29,7 +29,11 @@ up to floating-point summation order; in a distributed run the loss pass is itse
 collective (ring across ranks), so every rank must call this with the same ``k``.
 
 Train/eval mode is never changed here: the encode and the replay run in whatever mode the
-caller's model is in, so dropout is either active in both or in neither.
+caller's model is in, so dropout is either active in both or in neither.  BatchNorm layers in
+training mode therefore update their running statistics in both passes, ``2 k`` times from
+micro-batches; given the model (``modules=``), the step ends with the buffers one update from
+the whole batch would give (:mod:`.batchnorm_stats`, which also explains why the forward
+normalisation itself still uses per-micro-batch statistics).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
+
+from .batchnorm_stats import BatchNormStatsRecorder
 
 Forward = Callable[[dict], Sequence[torch.Tensor]]
 LossFn = Callable[..., tuple]
@@ -122,8 +128,13 @@ def encode_without_grad(forward: Forward, micro_batches: Sequence[dict]) -> Cach
 
 def check_same_scalars(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> None:
     """The scalar outputs are model parameters (or functions of them), identical for every
-    micro-batch; anything else would make "count them once" wrong, so refuse it."""
-    if len(expected) != len(got) or not all(torch.equal(e, g) for e, g in zip(expected, got)):
+    micro-batch; anything else would make "count them once" wrong, so refuse it. On an
+    accelerator only their number and shapes are compared: reading the values on the host would
+    stall the device once per micro-batch."""
+    same = len(expected) == len(got) and all(e.shape == g.shape for e, g in zip(expected, got))
+    if same and all(e.device.type == "cpu" for e in expected):
+        same = all(torch.equal(e, g) for e, g in zip(expected, got))
+    if not same:
         raise ValueError("the scalar outputs (logit scale / bias) differ between micro-batches")
 
 
@@ -218,6 +229,8 @@ def gradcache_backward(
     micro_batches: Sequence[dict],
     backward: Optional[Backward] = None,
     replay_context: Optional[ReplayContext] = None,
+    *,
+    modules: Optional[torch.nn.Module] = None,
 ) -> tuple[torch.Tensor, dict]:
     """Accumulate into the parameters the gradient of the loss over all ``micro_batches``
     at once, keeping only one micro-batch's activations alive at a time.
@@ -238,6 +251,12 @@ def gradcache_backward(
             ``lambda last: nullcontext() if last else ddp.no_sync()``: DDP decides at
             forward time whether the following backward all-reduces, so ``no_sync`` must
             cover the forward too; then gradients are reduced once, on the last backward.
+        modules: the model ``forward`` runs (for DeepSpeed ``engine.module``; a DDP wrapper
+            or the bare model also work).  Its BatchNorm layers in training mode then end
+            the step with one running-statistics update from all micro-batches' rows
+            instead of ``2 k`` updates from ``m`` rows each (see :mod:`.batchnorm_stats`).
+            ``None``: buffers are left as the passes wrote them.  Unused with one
+            micro-batch, whose plain forward already updates them once.
 
     Returns ``(loss.detach(), metrics)`` of the whole-batch loss.  With one micro-batch it
     is a plain forward + ``backward(loss, True)`` (same result, no second forward).  The
@@ -253,11 +272,15 @@ def gradcache_backward(
             loss, metrics = loss_fn(*forward(micro_batches[0]))
             backward(loss, True)
         return loss.detach(), metrics
-    cached = encode_without_grad(forward, micro_batches)
+    batchnorm = BatchNormStatsRecorder(modules)
+    with batchnorm.recording():  # the encode pass only: it sees the same inputs as the replays
+        cached = encode_without_grad(batchnorm.per_micro_batch(forward), micro_batches)
     loss, metrics, feature_grads, scalar_grads = loss_and_output_gradients(loss_fn, cached)
     cached.features = []  # the cached features are no longer needed during the replays
     replay_with_cached_gradients(forward, micro_batches, cached, feature_grads, scalar_grads,
                                  backward, replay_context)
+    # Last, so it also overrides the replays' (and any checkpoint recompute's) updates.
+    batchnorm.write_full_batch_update()
     return loss, metrics
 
 

@@ -8,7 +8,6 @@ import logging
 import math
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -23,8 +22,11 @@ from ..losses.objective import CAPTION, IMAGE_VIEW2, TEXT_VIEWS, Objective, Term
 from ..models import build_model, export_model
 from ..models.export import jsonable
 from . import checkpoint as ckpt
-from .distributed import all_reduce_mean, any_rank, detect_env, pick_device
-from .ds_setup import build_ds_config, init_distributed, initialize
+from . import master_weights
+from .control import StopRequest
+from .distributed import all_reduce_mean, detect_env, pick_device
+from .ds_setup import after_skipped_step, build_ds_config, init_distributed, initialize
+from .faults import first_line, is_collective_failure
 from .gradcache import gradcache_backward
 from .metrics_log import MetricsLog
 from .model_outputs import as_tuple, with_vector_logit_params
@@ -43,18 +45,21 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.env = detect_env()
+        self.phase = "startup"  # what the run is doing, for error reports
         if self.env.is_main:
             self._claim_run_dir(resume, overwrite)
         self.device = pick_device(cfg.train.device, self.env)
         init_distributed(self.env, self.device, cfg.train.dist_timeout_s)
+        ckpt.check_shared_filesystem(self.run_dir, self.env.rank, self.env.world_size)
+        self.stop = StopRequest(self.env.distributed)
         self._seed_everything(cfg.train.seed + self.env.rank)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         sigmoid = cfg.loss.kind == "sigmoid"
+        self.objective = Objective(cfg.objective, cfg.loss)
         self.built = build_model(cfg.model.name, pretrained=cfg.model.pretrained, aug=cfg.data.augment,
                                  init_logit_bias=cfg.model.init_logit_bias if sigmoid else None)
         self.built.model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-        self.objective = Objective(cfg.objective, cfg.loss)
         self._check_objective()
         self.data = build_train_data(cfg.data, self.built.train_transform, self.built.tokenizer,
                                      seed=cfg.train.seed, rank=self.env.rank, world_size=self.env.world_size,
@@ -64,11 +69,11 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise TrainingError(f"an epoch has {self.data.batches_per_epoch} batches, fewer than "
                                 f"train.accum_steps={cfg.train.accum_steps}: lower train.accum_steps or data.batch_size")
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         self._build_engine()
         self.step = self.epoch = self.step_in_epoch = 0
         self.skipped_steps = self.nonfinite_streak = 0
-        self.stop_signal: int | None = None
+        self.stopping = False
         self._pending_rng: dict | None = None
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
         if self.env.is_main:
@@ -117,6 +122,9 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = initialize(model, optimizer, scheduler, self.ds_config)
         self.model = self.engine.module
         self.compute_dtype = PRECISION_DTYPES[cfg.ds.precision]
+        # DeepSpeed's ZeRO, bf16 and fp16 optimizers test the gradient norm themselves and skip a
+        # non-finite step (fp16: and lower the loss scale); only plain fp32 at ZeRO-0 needs our check.
+        self.ds_checks_gradients = hasattr(self.optimizer, "overflow")
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -124,17 +132,17 @@ class Trainer:
         """Run until ``total_steps`` (or a stop signal); then save, export and evaluate."""
         log.info("training %d steps (%d per epoch, contrastive batch %d)", self.total_steps, self.steps_per_epoch,
                  self.cfg.data.batch_size * self.cfg.train.accum_steps * self.env.world_size)
-        previous_handlers = self._install_signal_handlers()
+        self.stop.install()
         try:
-            while self.step < self.total_steps and not self._should_stop():
+            while self.step < self.total_steps and not self.stopping:
                 self._run_epoch()
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-        if self.stop_signal is not None:
+            self.stop.uninstall()
+        self.stopping = self.stop.finish() or self.stopping
+        if self.stopping:
             self.save()
             log.warning("stopped by signal %d at step %d; checkpoint saved, continue with --resume latest",
-                        self.stop_signal, self.step)
+                        self.stop.signal, self.step)
             return {}
         return self.finish()
 
@@ -147,67 +155,72 @@ class Trainer:
         for group in iter(lambda: list(itertools.islice(batches, accum)), []):
             if len(group) < accum:
                 break
+            self.phase = f"train step {self.step + 1}"
             self._after_step(self.train_step(group))
-            if self.step >= self.total_steps or self._should_stop():
+            self.stopping = self.stop.poll()
+            if self.step >= self.total_steps or self.stopping:
                 return
         self.epoch += 1
         self.step_in_epoch = 0
 
     def _after_step(self, metrics: dict) -> None:
-        cfg = self.cfg.train
-        if self.step % cfg.log_every == 0 or self.step == self.total_steps or metrics.get("skipped_step"):
-            self.metrics.write({"step": self.step, "epoch": self.epoch, **metrics})
-        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
-            self.metrics.write({"step": self.step, **self.evaluate(retrieval=False)})
-        if cfg.save_every and self.step % cfg.save_every == 0 and not metrics.get("skipped_step"):
+        """Log, then checkpoint, then evaluate: a failing eval must never cost the checkpoint."""
+        every_steps = self.cfg.checkpoint.every_steps
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps or metrics.get("skipped_step"):
+            self.metrics.write({"step": self.step, "epoch": self.epoch, **self._host_metrics(metrics)})
+        if every_steps and self.step % every_steps == 0 and not metrics.get("skipped_step"):
             self.save()
+        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
+            results = self.evaluate(retrieval=False)
+            if results:
+                self.metrics.write({"step": self.step, **results})
+
+    def _host_metrics(self, metrics: dict) -> dict:
+        """Logging steps only: the device values averaged over ranks and read once, plus the logit
+        scale read from the fp32 master (the value training really uses)."""
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        scale = master_weights.full_master(self.model.logit_scale, self.optimizer).reshape(()).exp()
+        values = all_reduce_mean(torch.stack([v.detach().double().reshape(()) for v in tensors.values()]))
+        plain = dict(zip(tensors, values.tolist()))  # the one host read of a logging step
+        return {**{k: v for k, v in metrics.items() if k not in tensors}, **plain, "logit_scale": float(scale)}
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over ``accum_steps`` micro-batches; a non-finite step is skipped and counted."""
         started = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         loss, metrics = self.forward_backward(micro_batches)
-        finite = math.isfinite(loss) and not self._nonfinite_gradients()
-        if finite:
-            self._optimizer_step()
-        else:
-            self._skip_step(loss)
+        applied = self._optimizer_step()
+        if not applied:
+            self._skip_step()
         samples = sum(b["text"].shape[0] for b in micro_batches) * self.env.world_size
-        return {**metrics, "loss": loss, "lr": lr, "logit_scale": self._logit_scale(),
-                "samples_per_s": samples / (time.perf_counter() - started),
+        # Device tensors stay on the device: they are read on the host only on logging steps.
+        return {**metrics, "loss": loss, "lr": lr, "samples_per_s": samples / (time.perf_counter() - started),
                 "skipped": sum(b["skipped"] for b in micro_batches), "skipped_steps": self.skipped_steps,
-                **({"skipped_step": True} if not finite else {})}
+                **({} if applied else {"skipped_step": True})}
 
-    def forward_backward(self, micro_batches: list[dict]) -> tuple[float, dict]:
-        """Loss over the whole contrastive batch; backward only when it is finite on every rank.
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Loss over the whole contrastive batch, and its backward.
 
-        Returns the full-batch loss (this rank's share averaged over ranks) and the term metrics.
+        Returns this rank's share of the full-batch loss and the term metrics, as device tensors
+        (``_host_metrics`` averages them over ranks when a step is logged). A non-finite loss is
+        back-propagated too: its gradients are non-finite, and the step is skipped on every rank
+        by the gradient check (``_optimizer_step``), with no extra host read here.
         """
         if len(micro_batches) == 1:
             batch = micro_batches[0]
             loss, metrics = self.compute_loss(self._term_inputs(self.engine(*self._inputs(batch)), batch))
-            mean_loss = all_reduce_mean(loss.detach().float()).item()
-            if math.isfinite(mean_loss):
-                self.engine.backward(loss)
-            return mean_loss, self._averaged(metrics)
-        try:
-            _, metrics = gradcache_backward(lambda batch: as_tuple(self.engine(*self._inputs(batch))),
-                                            self._checked_loss, micro_batches, backward=self._gradcache_micro_backward)
-        except NonFiniteLoss as err:
-            return err.loss, {}
-        mean_loss = metrics.pop("mean_loss")
-        return mean_loss, self._averaged(metrics)
+            self.engine.backward(loss)
+            return loss.detach(), metrics
+        loss, metrics = gradcache_backward(lambda batch: as_tuple(self.engine(*self._inputs(batch))),
+                                           self._gradcache_loss, micro_batches,
+                                           backward=self._gradcache_micro_backward, modules=self.model)
+        return loss, metrics
 
     def compute_loss(self, inputs: TermInputs) -> tuple[torch.Tensor, dict]:
         return self.objective(inputs)
 
-    def _checked_loss(self, *outputs):
-        """GradCache's loss: stops before any backward through the model when the loss is not finite."""
-        loss, metrics = self.compute_loss(_base_term_inputs(*outputs))
-        mean_loss = all_reduce_mean(loss.detach().float()).item()
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(mean_loss)
-        return loss, {**metrics, "mean_loss": mean_loss}
+    def _gradcache_loss(self, *outputs):
+        return self.compute_loss(_base_term_inputs(*outputs))
 
     def _gradcache_micro_backward(self, surrogate: torch.Tensor, is_last: bool) -> None:
         # DeepSpeed's documented manual accumulation: gradients are reduced with the last micro-batch
@@ -237,44 +250,49 @@ class Trainer:
             inputs.caption_logits, inputs.caption_labels = outputs["logits"], outputs["labels"]
         return inputs
 
-    def _averaged(self, metrics: dict) -> dict:
-        """Term values averaged over ranks: each rank holds its share of the full-batch value."""
-        if not metrics or not self.env.distributed:
-            return metrics
-        values = all_reduce_mean(torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device))
-        return dict(zip(metrics, values.tolist()))
-
     # --- optimizer step and faults ---------------------------------------------------------------
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """Step unless the gradients are non-finite; returns whether the weights were updated.
+
+        The one host read of a non-logging step: DeepSpeed's own overflow test of the (partitioned)
+        gradients under ZeRO-1/2/3, bf16 and fp16 (fp16: its loss scaler lowers the scale), or, for
+        fp32 at ZeRO-0, ours of the global gradient norm (gradients are already averaged over ranks,
+        so every rank decides alike)."""
+        if not self.ds_checks_gradients and not self._gradients_finite():
+            self.engine.zero_grad()  # no optimizer step: weights, moments and the schedule stay as they were
+            return False
         self.engine.step()
-        with torch.no_grad(), self._full_weights([self.model.logit_scale], modify=True):
-            # CLIP clamps the learned temperature
-            self.model.logit_scale.clamp_(0, math.log(self.cfg.model.max_logit_scale))
+        if not self.engine.was_step_applied():
+            after_skipped_step(self.optimizer)
+            return False
+        # CLIP clamps the learned temperature; in the fp32 master too, or the next copy-back undoes it.
+        master_weights.clamp_(self.model.logit_scale, self.optimizer, 0.0, math.log(self.cfg.model.max_logit_scale))
         self.step += 1
         self.step_in_epoch += 1
         self.nonfinite_streak = 0
+        return True
 
-    def _nonfinite_gradients(self) -> bool:
-        """Checks the gradients this rank can see (all of them below ZeRO-2), agreed over ranks."""
-        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.model.parameters())
-        return any_rank(bad)
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
-    def _skip_step(self, loss: float) -> None:
-        self.engine.zero_grad()  # no optimizer step: weights, moments and the schedule stay as they were
+    def _skip_step(self) -> None:
+        """Count a step whose update was skipped; the data it read is consumed all the same."""
         self.step += 1
         self.step_in_epoch += 1
         self.skipped_steps += 1
+        if self.cfg.ds.precision == "fp16":
+            # Overflow is how DeepSpeed's dynamic loss scaler finds its scale: expected, not a fault
+            # (a scale that cannot go lower makes DeepSpeed itself stop the run).
+            log.info("step %d skipped by the fp16 loss scaler (gradient overflow); %d skipped so far",
+                     self.step, self.skipped_steps)
+            return
         self.nonfinite_streak += 1
-        log.warning("step %d skipped: non-finite loss or gradient (loss=%s); %d skipped so far",
-                    self.step, loss, self.skipped_steps)
+        log.warning("step %d skipped: non-finite loss or gradient; %d skipped so far", self.step, self.skipped_steps)
         if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
             raise TrainingError(f"{self.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                                 f"(last at step {self.step}): lower optim.lr, check the data, or use ds.precision=fp32")
-
-    def _logit_scale(self) -> float:
-        with self._full_weights([self.model.logit_scale]):
-            return self.model.logit_scale.detach().float().exp().item()
 
     def _full_weights(self, params: list | None = None, modify: bool = False):
         """Under ZeRO-3 the parameters are partitioned: gather ``params`` (default: all of them) for
@@ -286,46 +304,43 @@ class Trainer:
         params = list(self.model.parameters()) if params is None else params
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
-    # --- signals ----------------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum  # acted on at the next step boundary, on every rank together
-
-    def _should_stop(self) -> bool:
-        stop = any_rank(self.stop_signal is not None)
-        if stop and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
-        return stop
-
     # --- evaluation, saving, export --------------------------------------------------------------
 
     def evaluate(self, retrieval: bool = True) -> dict:
-        if not (self.cfg.eval.zeroshot or self.cfg.eval.retrieval):
+        """Every rank evaluates its share of the eval sets, in the training precision; results are
+        the same on every rank. An eval that fails is logged and the run goes on (a failed
+        collective still ends the run: the ranks could no longer agree on anything)."""
+        if not (self.cfg.eval.zeroshot or (retrieval and self.cfg.eval.retrieval)):
             return {}
-        with self._full_weights():
-            results = run_training_eval(self.model, self.built.eval_transform, self.built.tokenizer,
-                                        zeroshot_path=self.cfg.eval.zeroshot or None,
-                                        retrieval_path=(self.cfg.eval.retrieval or None) if retrieval else None,
-                                        device=self.device, batch_size=self.cfg.eval.batch_size) if self.env.is_main else {}
-        return results
+        self.phase = f"evaluation at step {self.step}"
+        try:
+            with self._full_weights():
+                return run_training_eval(
+                    self.model, self.built.eval_transform, self.built.tokenizer,
+                    zeroshot_path=self.cfg.eval.zeroshot or None,
+                    retrieval_path=(self.cfg.eval.retrieval or None) if retrieval else None,
+                    device=self.device, batch_size=self.cfg.eval.batch_size, workers=self.data.workers,
+                    signal_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype)
+        except Exception as err:  # noqa: BLE001 - any eval failure; the checkpoint is already written
+            if is_collective_failure(err):
+                raise
+            log.error("evaluation at step %d failed, training goes on: %s: %s", self.step, type(err).__name__,
+                      first_line(err), exc_info=err)
+            return {"eval_error": f"{type(err).__name__}: {first_line(err)}"}
 
     def model_info(self) -> dict:
         return {"model_cfg": self.built.model_cfg, "preprocess_cfg": jsonable(self.built.preprocess_cfg)}
 
-    def _weights_finite(self) -> bool:
-        with self._full_weights():
-            bad = any(not torch.isfinite(p).all() for p in self.model.parameters())
-        return not any_rank(bad)
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """The fp32 masters (every rank calls; complete on every rank)."""
+        return master_weights.master_state_dict(self.model, self.optimizer)
 
-    def save(self) -> Path | None:
-        """All ranks write their part into a partial directory; rank 0 renames it into place."""
-        if not self._weights_finite():
+    def save(self, weights: dict[str, torch.Tensor] | None = None) -> Path | None:
+        """All ranks write their part into a partial directory; rank 0 adds the fp32 master weights
+        (``weights.safetensors``, every stage and precision) and renames it into place."""
+        self.phase = f"checkpoint at step {self.step}"
+        weights = self.master_weights() if weights is None else weights
+        if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
             log.error("weights are not finite at step %d: not saving a checkpoint", self.step)
             return None
         tmp = ckpt.partial_dir(self.run_dir, self.step)
@@ -338,10 +353,10 @@ class Trainer:
                                        "skipped_steps": self.skipped_steps}}
         self.engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, client_state=client_state, save_latest=False)
         ckpt.write_rank_state(tmp, self.env.rank)
-        if self.cfg.ds.zero_stage < 3 and self.env.is_main:
-            ckpt.write_weights(tmp, self.model.state_dict())
+        if self.env.is_main:
+            ckpt.write_weights(tmp, weights)
         _barrier()
-        final = ckpt.commit(self.run_dir, self.step, self.model_info(), self.cfg.train.keep_checkpoints) \
+        final = ckpt.commit(self.run_dir, self.step, self.model_info(), self.cfg.checkpoint.keep) \
             if self.env.is_main else None
         _barrier()
         return final
@@ -357,33 +372,29 @@ class Trainer:
         self._pending_rng = ckpt.read_rank_state(path, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, self.step, self.epoch, self.step_in_epoch)
 
-    def export(self) -> None:
-        info = self.model_info()
-        with self._full_weights():
-            if self.env.is_main:
-                export_model(self.model.state_dict(), info["model_cfg"], info["preprocess_cfg"],
-                                 self.run_dir / "export")
+    def export(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """``RUN/export`` in open_clip's format, from the same fp32 masters as the checkpoint."""
+        self.phase = "export"
+        weights = self.master_weights() if weights is None else weights
+        if self.env.is_main:
+            info = self.model_info()
+            export_model(weights, info["model_cfg"], info["preprocess_cfg"], self.run_dir / "export")
         _barrier()
 
     def finish(self) -> dict:
-        self.save()
-        self.export()
+        weights = self.master_weights()
+        self.save(weights)
+        self.export(weights)
         results = self.evaluate()
         if results:
             self.metrics.write({"step": self.step, **results})
-        return results
+        return {k: v for k, v in results.items() if isinstance(v, float)}
 
 
 def _base_term_inputs(image_features, text_features, logit_scale, logit_bias=None) -> TermInputs:
     """The two embeddings and the 0-dim scale (and bias) the loss terms take; the model holds them as shape [1]."""
     return TermInputs(image_features, text_features, logit_scale.reshape(()),
                       None if logit_bias is None else logit_bias.reshape(()))
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, loss: float):
-        super().__init__(f"non-finite loss {loss}")
-        self.loss = loss
 
 
 def _barrier() -> None:

@@ -131,6 +131,11 @@ class Objective:
         for name, weight in self.weights.items():
             loss, term_metrics = TERMS.get(name).fn(inputs, self.cfg, self.loss_cfg)
             total = weight * loss if total is None else total + weight * loss
-            metrics[name] = float(term_metrics.get("loss", loss.detach()))
-            metrics.update({f"{name}/{k}": float(v) for k, v in term_metrics.items() if k != "loss"})
+            # Detached tensors, not floats: the trainer reads them on the host only on logging steps.
+            metrics[name] = _detached(term_metrics.get("loss", loss))
+            metrics.update({f"{name}/{k}": _detached(v) for k, v in term_metrics.items() if k != "loss"})
         return total, metrics
+
+
+def _detached(value) -> torch.Tensor:
+    return value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))

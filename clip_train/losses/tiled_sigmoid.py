@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .ring import Ring, make_ring, ring_loop
 from .tiled_softmax import (
-    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scaled_logits, stat_dtype,
+    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device, scaled_logits, stat_dtype,
     tile_ranges,
 )
 
@@ -38,23 +38,21 @@ from .tiled_softmax import (
 def _softplus_tiles(a, b, s, t, out, tile):
     """``out += sum softplus(s a b^T + t)`` over tiles."""
     st = out.dtype
-    bias = torch.tensor(t, dtype=st, device=a.device)
     for j0, j1 in tile_ranges(b.shape[0], tile):
         bj = b[j0:j1]
         for i0, i1 in tile_ranges(a.shape[0], tile):
-            out += F.softplus(scaled_logits(a[i0:i1], bj, s, st, bias)).sum()
+            out += F.softplus(scaled_logits(a[i0:i1], bj, s, st, t)).sum()
 
 
 def _grad_tiles(a, b, s, t, c, ga_u, gb_u, sig_sum, tile):
     """With ``P = sigmoid(S + t)``: ``ga_u += c P b``, ``gb_u += c P^T a`` (travelling
     block), ``sig_sum += sum P``.  Diagonal, bias/scale gradients and ``s`` by the caller."""
     st = ga_u.dtype
-    bias = torch.tensor(t, dtype=st, device=a.device)
     for j0, j1 in tile_ranges(b.shape[0], tile):
         bj = b[j0:j1]
         for i0, i1 in tile_ranges(a.shape[0], tile):
             ai = a[i0:i1]
-            P = scaled_logits(ai, bj, s, st, bias).sigmoid_()
+            P = scaled_logits(ai, bj, s, st, t).sigmoid_()
             sig_sum += P.sum()
             acc_mm(ga_u[i0:i1], P, bj, c)
             acc_mm(gb_u[j0:j1], P.T, ai, c)
@@ -66,7 +64,7 @@ class _TiledSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, bias, tile: int, ring: Ring):
         st = stat_dtype(a.dtype)
-        s, t = float(scale), float(bias)
+        s, t = scalar_on_device(scale, st), scalar_on_device(bias, st)
         total = torch.zeros((), dtype=st, device=a.device)
         b_sum = torch.zeros(a.shape[1], dtype=st, device=a.device)
 
@@ -82,7 +80,7 @@ class _TiledSigmoid(torch.autograd.Function):
         # Metric sums include the bias: logits are S + t (n_r * B * t over all pairs).
         sums = logit_sums(a, b_sum, diag - t, s, ring.total)
         n = a.shape[0]
-        sums = sums + sums.new_tensor([n * t, n * (ring.total - 1) * t, 0.0, 0.0])
+        sums = sums + torch.stack([n * t, n * (ring.total - 1) * t, t * 0, t * 0])
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
@@ -90,8 +88,8 @@ class _TiledSigmoid(torch.autograd.Function):
     def backward(ctx, g, _unused):
         a, b, scale, bias = ctx.saved_tensors
         ring, st = ctx.ring, stat_dtype(a.dtype)
-        s, t = float(scale), float(bias)
-        c = float(g) * (ring.world / ring.total)
+        s, t = scalar_on_device(scale, st), scalar_on_device(bias, st)
+        c = g.detach().to(st) * (ring.world / ring.total)  # a device scalar, never read on the host
         ga_u = torch.zeros(a.shape, dtype=st, device=a.device)
         gb_u = torch.zeros(b.shape, dtype=st, device=a.device)
         sig_sum = torch.zeros((), dtype=st, device=a.device)
@@ -101,8 +99,8 @@ class _TiledSigmoid(torch.autograd.Function):
 
         (gb_u,) = ring_loop(ring, [b], [gb_u], step)
         # Diagonal: dL_r/dS_ii gets an extra -c (the positive pair's label).
-        ga_u.add_(b, alpha=-c)
-        gb_u.add_(a, alpha=-c)
+        ga_u.sub_(b.to(st) * c)
+        gb_u.sub_(a.to(st) * c)
         # dL/dt = sum_ij G_ij;  dL/ds = sum_ij G_ij a_i.b_j = sum_i a_i.(G b)_i.
         g_bias = c * sig_sum - c * a.shape[0]
         g_scale = torch.vdot(a.to(st).flatten(), ga_u.flatten())

@@ -67,18 +67,24 @@ def rowwise_dot(a, b, dtype):
     return (a.to(dtype) * b.to(dtype)).sum(1)
 
 
-def scaled_logits(ai, bj, s: float, dtype, bias=None):
-    """``S = s ai bj^T (+ bias)`` in ``dtype``; one fused ``addmm`` when possible."""
-    if ai.dtype == dtype and bias is not None:
-        return torch.addmm(bias, ai, bj.T, alpha=s)
+def scalar_on_device(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A learnable scalar (scale, bias) as a 0-dim tensor for the tile maths: used as a tensor,
+    never read on the host (``float(x)`` would synchronise a GPU at every use)."""
+    return x.detach().to(dtype).reshape(())
+
+
+def scaled_logits(ai, bj, s, dtype, bias=None):
+    """``S = s ai bj^T (+ bias)`` in ``dtype``; ``s`` and ``bias`` are 0-dim tensors or numbers."""
     S = (ai @ bj.T).to(dtype).mul_(s)
     return S if bias is None else S.add_(bias)
 
 
-def acc_mm(out, m1, m2, alpha: float):
+def acc_mm(out, m1, m2, alpha):
     """``out += alpha m1 m2`` (``m1`` cast to the features' dtype; ``out`` stays float32)."""
     m1 = m1.to(m2.dtype)
-    if out.dtype == m2.dtype:
+    if isinstance(alpha, torch.Tensor):  # a device scalar: no host read
+        out.add_((m1 @ m2).to(out.dtype).mul_(alpha))
+    elif out.dtype == m2.dtype:
         out.addmm_(m1, m2, alpha=alpha)
     else:
         out.add_(m1 @ m2, alpha=alpha)
@@ -115,7 +121,7 @@ def _grad_tiles(a, b, s, row_lse, col_lse, c_row, c_col, ga_u, gb_u, tile):
             ai = a[i0:i1]
             S = scaled_logits(ai, bj, s, st)
             G = torch.sub(S, row_lse[i0:i1, None]).exp_().mul_(c_row)
-            G.add_(S.sub_(col_lse[None, j0:j1]).exp_(), alpha=c_col)
+            G.add_(S.sub_(col_lse[None, j0:j1]).exp_().mul_(c_col))
             acc_mm(ga_u[i0:i1], G, bj, 1.0)
             acc_mm(gb_u[j0:j1], G.T, ai, 1.0)
 
@@ -126,7 +132,7 @@ class _TiledSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, tile: int, ring: Ring):
         st = stat_dtype(a.dtype)
-        s = float(scale)
+        s = scalar_on_device(scale, st)
         row_lse = torch.full((a.shape[0],), float("-inf"), dtype=st, device=a.device)
         col_lse = torch.full_like(row_lse, float("-inf"))
         b_sum = torch.zeros(a.shape[1], dtype=st, device=a.device)
@@ -148,9 +154,11 @@ class _TiledSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _unused):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        ring, st, s = ctx.ring, row_lse.dtype, float(scale)
+        ring, st = ctx.ring, row_lse.dtype
+        s = scalar_on_device(scale, st)
         # c_q = g_q W / (2B): every rank's incoming gradient weights its own rows/columns.
-        c = (ring.gather_scalar(g.to(st)) * (ring.world / (2.0 * ring.total))).tolist()
+        # Kept as device tensors: reading them on the host would stall a GPU twice per step.
+        c = ring.gather_scalar(g.to(st)) * (ring.world / (2.0 * ring.total))
         ga_u = torch.zeros(a.shape, dtype=st, device=a.device)
         gb_u = torch.zeros(b.shape, dtype=st, device=a.device)
 
@@ -159,8 +167,8 @@ class _TiledSoftmax(torch.autograd.Function):
 
         (gb_u,) = ring_loop(ring, [b, col_lse], [gb_u], step)
         # Diagonal: dL_r/dS_ii = -2 c_r (the positive appears in both directions).
-        ga_u.add_(b, alpha=-2.0 * c[ring.rank])
-        gb_u.add_(a, alpha=-2.0 * c[ring.rank])
+        ga_u.add_(b.to(st) * (-2.0 * c[ring.rank]))
+        gb_u.add_(a.to(st) * (-2.0 * c[ring.rank]))
         # dL/ds = sum_ij G_ij a_i.b_j = sum_i a_i.(G b)_i: this rank's rows' share; the sum
         # over ranks is the total (so the mean over ranks matches open_clip's mean).
         gs = torch.vdot(a.to(st).flatten(), ga_u.flatten())
