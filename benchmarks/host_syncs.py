@@ -6,8 +6,9 @@
 Runs the trainer's per-step path (``train_step``, ``_after_step`` and the stop poll) on non-logging
 steps and counts calls of ``Tensor.item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__`` and
 ``numpy`` on tensors, with the file and line that made each one (ours or DeepSpeed's). On a CPU
-these are the same calls that synchronise a GPU; reads of CPU tensors that never touch the device
-are listed too and marked as such when they come from our CPU control flag.
+these are the calls that synchronise a GPU when the tensor lives there. Some never touch a device
+even on a GPU (the stop flag, a CPU tensor; torch AdamW's step counter, kept on the CPU): they are
+listed with their file and line, so each can be told apart.
 """
 from __future__ import annotations
 
@@ -77,13 +78,11 @@ def count_one_setting(args, setting: str, run_dir: Path) -> collections.Counter:
                                     "train.log_every=1000000", "checkpoint.every_steps=0", f"output_dir={run_dir}",
                                     *setting.split()])
     trainer = Trainer(cfg, overwrite=True)
-    batch = fixed_batch(trainer, args.batch)
+    micro_batches = [fixed_batch(trainer, args.batch)] * cfg.train.accum_steps
     with ReadCounter() as counter:
-        trainer._after_step(trainer.train_step([batch]))  # warm-up: DeepSpeed records traces, allocates
-        trainer.stop.poll()
-        counter.active = True
-        for _ in range(args.steps):
-            trainer._after_step(trainer.train_step([batch]))
+        for step in range(args.warmup + args.steps):  # warm-up: ZeRO-3 records its fetch trace, buffers
+            counter.active = step >= args.warmup
+            trainer._after_step(trainer.train_step(micro_batches))
             trainer.stop.poll()
         counter.active = False
     trainer.stop.finish()
@@ -96,7 +95,8 @@ def main() -> int:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="steps counted")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first, not counted")
     parser.add_argument("--settings", nargs="+", default=["ds.zero_stage=0", "ds.zero_stage=2 ds.precision=bf16"])
     parser.add_argument("--out", default="runs/host-syncs")
     args = parser.parse_args()
