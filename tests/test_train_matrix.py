@@ -52,7 +52,7 @@ def launch(report: Path, args: list[str], world: int, kill_at: int = 0) -> None:
     """``world`` worker processes (rank env as a launcher sets it); waits and checks exit codes."""
     port, procs = free_port(), []
     for rank in range(world):
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/clip-train-ext")}
+        env = dict(os.environ)
         if world > 1:
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
