@@ -255,10 +255,10 @@ class Trainer:
     def _optimizer_step(self) -> bool:
         """Step unless the gradients are non-finite; returns whether the weights were updated.
 
-        The one host read of a non-logging step: DeepSpeed's own overflow test of the (partitioned)
-        gradients under ZeRO-1/2/3, bf16 and fp16 (fp16: its loss scaler lowers the scale), or, for
-        fp32 at ZeRO-0, ours of the global gradient norm (gradients are already averaged over ranks,
-        so every rank decides alike)."""
+        Under ZeRO-1/2/3, bf16 and fp16 the test is DeepSpeed's own, on the (partitioned) gradients
+        (fp16: its loss scaler also lowers the scale); fp32 at ZeRO-0 has no DeepSpeed wrapper, so we
+        test the global gradient norm: our only host read of a non-logging step (the gradients are
+        already averaged over ranks, so every rank decides alike)."""
         if not self.ds_checks_gradients and not self._gradients_finite():
             self.engine.zero_grad()  # no optimizer step: weights, moments and the schedule stay as they were
             return False
