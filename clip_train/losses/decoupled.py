@@ -45,7 +45,7 @@ import torch
 
 from .ring import Ring, make_ring, ring_loop
 from .tiled_softmax import (
-    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scaled_logits, stat_dtype,
+    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device, scaled_logits, stat_dtype,
     tile_ranges,
 )
 
@@ -122,7 +122,7 @@ class _TiledWeightedContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, betas, alpha: float, tile: int, ring: Ring):
         st = stat_dtype(a.dtype)
-        s, n = float(scale), a.shape[0]
+        s, n = scalar_on_device(scale, st), a.shape[0]
         new = lambda: torch.full((n,), NEG_INF, dtype=st, device=a.device)  # noqa: E731
         row_stats = [new() for _ in range(1 + (betas[0] != 0))]
         col_stats = [new() for _ in range(1 + (betas[1] != 0))]
@@ -149,8 +149,9 @@ class _TiledWeightedContrastive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _unused):
         a, b, scale, row_nu, col_nu, rU, rV, cU, cV = ctx.saved_tensors
-        ring, betas, st, s = ctx.ring, ctx.betas, row_nu.dtype, float(scale)
-        c = (ring.gather_scalar(g.to(st)) * (ring.world / (2.0 * ring.total))).tolist()
+        ring, betas, st = ctx.ring, ctx.betas, row_nu.dtype
+        s = scalar_on_device(scale, st)
+        c = ring.gather_scalar(g.to(st)) * (ring.world / (2.0 * ring.total))  # device scalars, no host read
         rV = rV if betas[0] != 0 else None
         ga_u = torch.zeros(a.shape, dtype=st, device=a.device)
         gb_u = torch.zeros(b.shape, dtype=st, device=a.device)

@@ -79,7 +79,7 @@ class _TiledUniformity(torch.autograd.Function):
     def backward(ctx, g):
         x, lse = ctx.saved_tensors
         ring, t, tile, st = ctx.ring, ctx.t, ctx.tile, lse.dtype
-        g_sum = float(ring.gather_scalar(g.to(st)).sum())
+        g_sum = ring.gather_scalar(g.to(st)).sum()  # a device scalar, no host read
         n_loc = _sq_norms(x, st)
         rho = torch.zeros(x.shape[0], dtype=st, device=x.device)
         px = torch.zeros(x.shape, dtype=st, device=x.device)

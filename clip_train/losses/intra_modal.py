@@ -100,7 +100,7 @@ class _TiledNTXent(torch.autograd.Function):
     def backward(ctx, g, _unused):
         u, lse = ctx.saved_tensors
         ring, inv_tau, st = ctx.ring, ctx.inv_tau, lse.dtype
-        c = (ring.gather_scalar(g.to(st)) * (ring.world / float(ring.total))).tolist()
+        c = ring.gather_scalar(g.to(st)) * (ring.world / float(ring.total))  # device scalars, no host read
         c_r = c[ring.rank]
         gu = torch.zeros(u.shape, dtype=st, device=u.device)
 
@@ -109,14 +109,14 @@ class _TiledNTXent(torch.autograd.Function):
             for i0, i1, k0, k1, off in _tiles(u.shape[0], uk.shape[0], ctx.tile, q == ring.rank):
                 S = _tile_logits(u[i0:i1], uk[k0:k1], inv_tau, st, off)
                 G = torch.sub(S, lse[i0:i1, None]).exp_().mul_(c_r)
-                G.add_(S.sub_(lse_k[None, k0:k1]).exp_(), alpha=c[q])
+                G.add_(S.sub_(lse_k[None, k0:k1]).exp_().mul_(c[q]))
                 acc_mm(gu[i0:i1], G, uk[k0:k1], 1.0)
 
         ring_loop(ring, [u, lse], [], step)
         # Positive pair: S_{i,p(i)} appears in row i's and row p(i)'s term.
         n = u.shape[0] // 2
-        gu[:n].add_(u[n:], alpha=-2.0 * c_r)
-        gu[n:].add_(u[:n], alpha=-2.0 * c_r)
+        gu[:n].add_(u[n:].to(st) * (-2.0 * c_r))
+        gu[n:].add_(u[:n].to(st) * (-2.0 * c_r))
         return gu.mul_(inv_tau).to(u.dtype), None, None, None
 
 
