@@ -27,7 +27,8 @@ import torch
 
 REPORT_DIR, KILL_AT, NAN_AT = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 CLI_ARGS = sys.argv[sys.argv.index("--") + 1:]
-BATCHES_PER_EPOCH = 12
+ACCUM = int(next((a.split("=", 1)[1] for a in CLI_ARGS if a.startswith("train.accum_steps=")), 1))
+STEPS_PER_EPOCH = 12
 
 
 class NaNGradient(torch.autograd.Function):
@@ -41,23 +42,27 @@ class NaNGradient(torch.autograd.Function):
 
 
 class SyntheticData:
-    """``epoch_batches(epoch, skip)`` as ``TrainData`` has it, from fixed random global batches."""
+    """``epoch_batches(epoch, skip)`` as ``TrainData`` has it, from fixed random global batches: the
+    step's global batch is fixed by (epoch, step); rank r's micro-batch m is one slice of it (the
+    contrastive loss does not depend on the order of the pairs, only on which pairs are there)."""
 
     def __init__(self, cfg, tokenizer, rank, world_size, modality):
         from clip_train.data.modalities import MODALITIES
 
         self.batch, self.rank, self.world = cfg.batch_size, rank, world_size
         self.tokenizer, self.modality = tokenizer, MODALITIES.get(modality)
-        self.batches_per_epoch, self.workers = BATCHES_PER_EPOCH, 0
+        self.batches_per_epoch, self.workers = STEPS_PER_EPOCH * ACCUM, 0
 
     def epoch_batches(self, epoch: int, skip: int = 0):
         for index in range(skip, self.batches_per_epoch):
-            generator = torch.Generator().manual_seed(1000 * epoch + index)
-            rows = self.batch * self.world
+            step, micro = divmod(index, ACCUM)
+            generator = torch.Generator().manual_seed(1000 * epoch + step)
+            rows = self.batch * self.world * ACCUM
             images = torch.randn(rows, 3, 32, 32, generator=generator)
             digits = torch.randint(0, 10, (rows,), generator=generator).tolist()
             text = self.tokenizer([f"a photo of the digit {d}" for d in digits])
-            mine = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
+            start = (self.rank * ACCUM + micro) * self.batch
+            mine = slice(start, start + self.batch)
             yield {"image": images[mine], "text": text[mine], "skipped": 0}
 
 

@@ -19,6 +19,9 @@ global batch and precision, are the reference. In every cell:
   counted in ``skipped_steps``;
 * the last checkpoint's ``weights.safetensors`` equals the fp32 masters (and, for ZeRO >= 1,
   DeepSpeed's own consolidation of its partitions).
+
+Two more cells run the same checks with GradCache (``train.accum_steps=2``, half the rows per
+micro-batch): the contrastive batch, and so the losses, are those of the reference.
 """
 import json
 import math
@@ -90,8 +93,18 @@ def reference(demo_dataset, tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_cell(demo_dataset, tmp_path, reference, zero, precision):
+    check_cell(demo_dataset, tmp_path, reference, zero, precision)
+
+
+@pytest.mark.parametrize("zero, precision", [(3, "fp32"), (1, "bf16")])
+def test_gradcache_cell(demo_dataset, tmp_path, reference, zero, precision):
+    """GradCache: 2 ranks x 2 micro-batches of 4 rows, the same global batch of 16 as the reference."""
+    check_cell(demo_dataset, tmp_path, reference, zero, precision, accum=2)
+
+
+def check_cell(demo_dataset, tmp_path, reference, zero, precision, accum=1):
     run, report = tmp_path / "run", tmp_path / "report"
-    args = clip_train_args(demo_dataset, run, precision, zero, PER_RANK_BATCH)
+    args = clip_train_args(demo_dataset, run, precision, zero, PER_RANK_BATCH // accum, f"train.accum_steps={accum}")
     launch(report, args, WORLD, kill_at=KILL_AT)
     killed = read_jsonl(run / "metrics.jsonl")
     launch(report, [*args, "--resume", "latest"], WORLD)
