@@ -1,7 +1,18 @@
 """Shared fixtures."""
 import pytest
+import torch
 
 from data_prep.cli import main as prep_main
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): on shared
+    CPUs intra-op threads cost far more than they save."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

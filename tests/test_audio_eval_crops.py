@@ -25,12 +25,7 @@ TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, 
 PREPROCESS = {"modality": "audio", "clip_samples": CLIP, "max_eval_crops": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wave(samples: int, seed: int = 0) -> torch.Tensor:

@@ -101,13 +101,7 @@ def datasets(demo_dataset, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on two shared cores, more threads only contend (ten times slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- what each spawned rank runs ---------------------------------------------------------------

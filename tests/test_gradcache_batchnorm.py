@@ -36,13 +36,7 @@ TOWERS = {  # config, one record's shape, the BatchNorm fed by the input only
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared CPUs: intra-op threads cost more than they save."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- models, batches, buffers -------------------------------------------------------------------
