@@ -5,6 +5,7 @@ import yaml
 from clip_train.cli import main as train_main
 from clip_train.config import Config, ConfigError, load_config, parse_override, to_yaml
 from clip_train.registry import Registry
+from project_paths import CONFIGS
 
 
 def write(tmp_path, text):
@@ -95,3 +96,9 @@ def test_registry_refuses_duplicates_and_lists_names():
     with pytest.raises(KeyError, match="valid names: a"):
         reg.get("b")
     assert reg.names() == ["a"] and "a" in reg
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_recipe_passes_validation(recipe):
+    """A recipe's own settings must not break a load-time rule (paths come from the command line)."""
+    load_config(CONFIGS / recipe)
