@@ -156,6 +156,9 @@ class Config:
             (all(w >= 0 for w in self.objective.terms.values()), "objective.terms weights must be >= 0"),
             (not (self.ds.config_file and not Path(self.ds.config_file).is_file()),
              f"ds.config_file not found: {self.ds.config_file}"),
+            (not (self.eval.every and not self.eval.zeroshot),
+             f"eval.every={self.eval.every} evaluates eval.zeroshot, which is not set: "
+             f"set eval.zeroshot to a classification set or eval.every=0"),
         ]
         for ok, message in rules:
             if not ok:

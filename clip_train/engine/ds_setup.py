@@ -51,6 +51,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_launch_env(env: DistEnv) -> None:
+    """What the process group will need from the launch environment (also checked at load time)."""
+    if env.launcher == "slurm" and "MASTER_ADDR" not in os.environ:
+        raise LaunchEnvError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
+
+
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None:
     """Start the process group DeepSpeed needs, also for a single process without a launcher."""
     import deepspeed
@@ -62,8 +68,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
     elif env.launcher == "slurm":
-        if "MASTER_ADDR" not in os.environ:
-            raise LaunchEnvError("SLURM launch without MASTER_ADDR: export MASTER_ADDR and MASTER_PORT in the sbatch script")
+        check_launch_env(env)
         for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
             os.environ.setdefault(name, str(value))  # srun sets only SLURM_*
     if device.type == "cpu":

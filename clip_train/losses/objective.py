@@ -111,13 +111,17 @@ def _hard_negative(x: TermInputs, cfg, loss_cfg):
                                           beta_text=beta, alpha=cfg.hard_negative_alpha, tile_size=loss_cfg.tile_size)
 
 
+def check_term_names(terms: dict[str, float]) -> None:
+    unknown = [name for name in terms if name not in TERMS]
+    if unknown:
+        raise ConfigError(f"objective.terms: unknown term {unknown[0]!r}; valid terms: {', '.join(TERMS.names())}")
+
+
 class Objective:
     """``Σ_name weight · term(inputs)``; metrics carry each term's loss under its own name."""
 
     def __init__(self, objective_cfg, loss_cfg):
-        unknown = [name for name in objective_cfg.terms if name not in TERMS]
-        if unknown:
-            raise ConfigError(f"objective.terms: unknown term {unknown[0]!r}; valid terms: {', '.join(TERMS.names())}")
+        check_term_names(objective_cfg.terms)
         self.weights = {name: w for name, w in objective_cfg.terms.items() if w > 0}
         self.cfg, self.loss_cfg = objective_cfg, loss_cfg
 
