@@ -67,10 +67,11 @@ def _report_failure(err: Exception, trainer) -> int:
     """One line on stderr, the traceback in the log; a failed collective says where it happened."""
     from .engine.faults import describe_failure
 
-    if not isinstance(err, _one_line_errors()):
+    ours = isinstance(err, _one_line_errors())
+    if not ours:
         log.error("rank %d: %s failed", trainer.env.rank, trainer.phase, exc_info=err)
-    print(f"clip-train: error: {describe_failure(err, trainer.env.rank, trainer.phase)}", file=sys.stderr)
-    return 2 if isinstance(err, _one_line_errors()) else 1
+    print(f"clip-train: error: {describe_failure(err, trainer.env.rank, trainer.phase, ours)}", file=sys.stderr)
+    return 2 if ours else 1
 
 
 def _one_line_errors() -> tuple[type[Exception], ...]:

@@ -86,17 +86,20 @@ def check_shared_filesystem(run_dir: Path, rank: int, world_size: int) -> None:
         return
     import torch.distributed as dist
 
-    probe = Path(run_dir) / f".shared-fs-probe-{os.getpid()}"
-    token = [f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(64)}" if rank == 0 else None, str(probe)]
-    dist.broadcast_object_list(token, src=0)
-    probe = Path(token[1])
+    host = os.uname().nodename
+    # Rank 0's probe name and content; a relative output_dir resolves on each rank as it would for a checkpoint.
+    shared = [f".shared-fs-probe-{os.getpid()}", f"{host}:{os.getpid()}:{random.getrandbits(64)}"] if rank == 0 \
+        else [None, None]
+    dist.broadcast_object_list(shared, src=0)
+    name, token = shared
+    probe = Path(run_dir) / name
     if rank == 0:
         probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token[0])
+        probe.write_text(token)
     dist.barrier()
-    sees = probe.is_file() and probe.read_text() == token[0]
+    sees = probe.is_file() and probe.read_text() == token
     seen_by = [None] * world_size
-    dist.all_gather_object(seen_by, (rank, os.uname().nodename, sees))
+    dist.all_gather_object(seen_by, (rank, host, sees))
     dist.barrier()
     if rank == 0:
         probe.unlink(missing_ok=True)

@@ -37,16 +37,12 @@ def first_line(err: BaseException) -> str:
     return line if len(line) <= _MAX_MESSAGE else line[:_MAX_MESSAGE] + "..."
 
 
-def describe_failure(err: BaseException, rank: int, phase: str) -> str:
-    """The one-line report: ``rank R: <what> during <phase>: <message>``."""
+def describe_failure(err: BaseException, rank: int, phase: str, says_what_to_change: bool = False) -> str:
+    """The one-line report: ``rank R: <what> during <phase>: <message>``; an error whose message
+    already says what to change (``says_what_to_change``, our own kinds) is given as it is."""
     if is_collective_failure(err):
         return (f"rank {rank}: a collective operation failed during {phase} ({first_line(err)}); another rank "
                 f"probably died or hung (see its log); resume with --resume latest")
-    if _is_one_line(err):
+    if says_what_to_change:
         return str(err)
     return f"rank {rank}: {type(err).__name__} during {phase}: {first_line(err)} (traceback in the log above)"
-
-
-def _is_one_line(err: BaseException) -> bool:
-    """Our own errors carry a message that says what to change; they are printed as they are."""
-    return type(err).__module__.startswith("clip_train") and isinstance(err, (ValueError, RuntimeError))

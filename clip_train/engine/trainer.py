@@ -294,15 +294,14 @@ class Trainer:
             raise TrainingError(f"{self.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                                 f"(last at step {self.step}): lower optim.lr, check the data, or use ds.precision=fp32")
 
-    def _full_weights(self, params: list | None = None, modify: bool = False):
-        """Under ZeRO-3 the parameters are partitioned: gather ``params`` (default: all of them) for
-        code that reads whole tensors. Per-step uses name only the tensors they touch."""
+    def _full_weights(self):
+        """Under ZeRO-3 the parameters are partitioned: gather them all (on every rank) for the eval,
+        which reads whole tensors."""
         if self.cfg.ds.zero_stage < 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        params = list(self.model.parameters()) if params is None else params
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     # --- evaluation, saving, export --------------------------------------------------------------
 

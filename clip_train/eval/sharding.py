@@ -150,9 +150,14 @@ def run_collectively(local: Callable[[], T]) -> T:
         raise error
     for rank, failure in enumerate(failures):
         if failure is not None:
-            is_eval_error, described, message = failure
-            raise EvalError(message) if is_eval_error else RuntimeError(f"evaluation failed on rank {rank}: {described}")
+            _raise_remote(rank, failure)
     return result
+
+
+def _raise_remote(rank: int, failure: tuple):
+    """Raise, here, the failure another rank summarised with `_failure_summary`."""
+    is_eval_error, described, message = failure
+    raise EvalError(message) if is_eval_error else RuntimeError(f"evaluation failed on rank {rank}: {described}")
 
 
 def computed_on_main(compute: Callable[[], T]) -> T:
@@ -171,8 +176,7 @@ def computed_on_main(compute: Callable[[], T]) -> T:
         raise error
     if status == "ok":
         return payload
-    is_eval_error, described, message = payload
-    raise EvalError(message) if is_eval_error else RuntimeError(f"evaluation failed on rank 0: {described}")
+    _raise_remote(0, payload)
 
 
 def _comm_device() -> torch.device:

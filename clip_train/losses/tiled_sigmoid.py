@@ -80,7 +80,7 @@ class _TiledSigmoid(torch.autograd.Function):
         # Metric sums include the bias: logits are S + t (n_r * B * t over all pairs).
         sums = logit_sums(a, b_sum, diag - t, s, ring.total)
         n = a.shape[0]
-        sums = sums + torch.stack([n * t, n * (ring.total - 1) * t, t * 0, t * 0])
+        sums = sums + torch.stack([n * t, n * (ring.total - 1) * t, t.new_zeros(()), t.new_zeros(())])
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
