@@ -83,12 +83,12 @@ def combine_moments(parts: list[Moments]) -> Moments:
 class RunningStats:
     mean: torch.Tensor
     var: torch.Tensor
-    batches: int
+    batches: torch.Tensor  # a device tensor like the buffer: reading it would stall a GPU
 
 
 def snapshot(module: _BatchNorm) -> RunningStats:
     return RunningStats(module.running_mean.detach().clone(), module.running_var.detach().clone(),
-                        int(module.num_batches_tracked))
+                        module.num_batches_tracked.detach().clone())
 
 
 def updated_stats(before: RunningStats, momentum: Optional[float], calls: list[Moments]) -> RunningStats:
@@ -96,8 +96,8 @@ def updated_stats(before: RunningStats, momentum: Optional[float], calls: list[M
     way ``torch.nn.functional.batch_norm`` does (momentum ``None``: cumulative average)."""
     mean, var, batches = before.mean.to(torch.float64), before.var.to(torch.float64), before.batches
     for moments in calls:
-        batches += 1
-        factor = 1.0 / batches if momentum is None else momentum
+        batches = batches + 1
+        factor = 1.0 / batches.to(torch.float64) if momentum is None else momentum
         mean = (1 - factor) * mean + factor * moments.mean
         var = (1 - factor) * var + factor * moments.m2 / (moments.count - 1)
     return RunningStats(mean, var, batches)
@@ -107,7 +107,7 @@ def write_stats(module: _BatchNorm, stats: RunningStats) -> None:
     with torch.no_grad():  # in place: optimizer / DeepSpeed hold references to these buffers
         module.running_mean.copy_(stats.mean)
         module.running_var.copy_(stats.var)
-        module.num_batches_tracked.fill_(stats.batches)
+        module.num_batches_tracked.copy_(stats.batches)
 
 
 @dataclass
