@@ -43,6 +43,8 @@ class DataConfig:
     workers: int = option(1, "data loader worker processes (0 reads in the main process)")
     shuffle_buffer: int = option(1000, "sample shuffle buffer size")
     resampled: bool = option(False, "sample shards with replacement (infinite stream) instead of epochs over the shards")
+    train_weights: str = option("", "with resampled=true: one weight per '::' source of train, e.g. 1,4 (each shard "
+                                    "drawn with its source's weight, as open_clip's --train-data-upsampling-factors)")
     train_num_samples: int = option(0, "samples per epoch; 0 reads it from sizes.json next to the shards")
     augment: bool = option(True, "random-resized-crop augmentation on training images")
     media_key: str = option("", "shard member extensions holding the image/audio/ECG, ';'-separated, first match "
@@ -54,6 +56,10 @@ class DataConfig:
 class LossConfig:
     kind: str = option("softmax", "contrastive loss: softmax (CLIP InfoNCE) or sigmoid (SigLIP)")
     tile_size: int = option(1024, "tile edge for the tiled loss; memory grows with tile_size², not batch²")
+    exchange: str = option("auto", "how distributed loss terms exchange feature blocks: ring (W hops, O(b·D) memory), "
+                                   "allgather (one all-gather, O(B·D) memory), auto (allgather if it fits exchange_memory_mb)")
+    exchange_memory_mb: float = option(1024.0, "loss.exchange=auto: largest all-gather buffers (MiB, per term and pass: "
+                                               "global batch x bytes per gathered row) before falling back to the ring")
 
 
 @dataclass
@@ -137,6 +143,9 @@ class Config:
         rules = [
             (self.loss.kind in ("softmax", "sigmoid"), f"loss.kind={self.loss.kind!r}: use softmax or sigmoid"),
             (self.loss.tile_size > 0, "loss.tile_size must be positive"),
+            (self.loss.exchange in ("ring", "allgather", "auto"),
+             f"loss.exchange={self.loss.exchange!r}: use ring, allgather or auto"),
+            (self.loss.exchange_memory_mb >= 0, "loss.exchange_memory_mb must be >= 0"),
             (self.data.batch_size >= 2, "data.batch_size must be >= 2: a contrastive batch needs negatives"),
             (self.data.workers >= 0, "data.workers must be >= 0"),
             (self.train.epochs > 0 or self.train.steps > 0, "set train.epochs > 0 or train.steps > 0"),
@@ -147,6 +156,8 @@ class Config:
             (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.steps <= 0),
              "data.resampled=true streams forever: set data.train_num_samples or train.steps"),
             (self.output_dir != "", "output_dir must not be empty"),
+            (not (self.data.train_weights and not self.data.resampled),
+             "data.train_weights samples shards with replacement: set data.resampled=true"),
             (self.ds.zero_stage in (0, 1, 2, 3), f"ds.zero_stage={self.ds.zero_stage}: use 0, 1, 2 or 3"),
             (self.ds.precision in ("fp32", "bf16", "fp16"), f"ds.precision={self.ds.precision!r}: use fp32, bf16 or fp16"),
             (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
@@ -283,7 +294,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         key, value = parse_override(text)
         _set_nested(tree, key, value)
-    return _build(Config, tree).validate()
+    return _build(Config, _sources_as_text(tree)).validate()
+
+
+def _sources_as_text(tree: dict) -> dict:
+    """``data.train`` given as a YAML list (of patterns, or of ``{path, weight}``) and ``data.train_weights``
+    as a list of numbers become the ``::``- and ``,``-joined strings that the command line uses."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    data = dict(data)
+    sources = data.get("train")
+    if isinstance(sources, list):
+        if all(isinstance(s, dict) for s in sources):
+            for s in sources:
+                if set(s) != {"path", "weight"}:
+                    raise ConfigError(f"data.train: each source is {{path, weight}}, got {s!r}")
+            data["train"] = "::".join(str(s["path"]) for s in sources)
+            data["train_weights"] = ",".join(str(s["weight"]) for s in sources)
+        elif all(isinstance(s, str) for s in sources):
+            data["train"] = "::".join(sources)
+        else:
+            raise ConfigError("data.train: a list must hold either patterns or {path, weight} entries")
+    if isinstance(data.get("train_weights"), list):
+        data["train_weights"] = ",".join(str(w) for w in data["train_weights"])
+    return {**tree, "data": data}
 
 
 def to_yaml(config: Config) -> str:

@@ -59,10 +59,10 @@ def _check_files(cfg: Config) -> None:
 
 
 def _check_train_data(cfg: Config) -> None:
-    from .data.shards import DataError, expand_shards
+    from .data.shards import DataError, expand_weighted_shards
 
     with _reported_as(f"data.train={cfg.data.train!r}", DataError):
-        expand_shards(cfg.data.train)
+        expand_weighted_shards(cfg.data.train, cfg.data.train_weights)
 
 
 def _check_eval_sets(cfg: Config) -> None:

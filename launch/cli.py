@@ -36,6 +36,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"must be a port number 1-65535, got {text!r}")
@@ -65,7 +71,8 @@ def launch_parser() -> _Parser:
 def sbatch_parser() -> _Parser:
     parser = _Parser(prog=f"{PROG} sbatch-template", description="Print a SLURM batch script for clip-train.")
     parser.add_argument("--nodes", type=_positive_int, default=2)
-    parser.add_argument("--gpus-per-node", type=_positive_int, default=8)
+    parser.add_argument("--gpus-per-node", type=_non_negative_int, default=8,
+                        help="GPUs to request per node; 0: CPU nodes, one clip-train process per node")
     parser.add_argument("--cpus-per-task", type=_positive_int, default=64, help="CPUs for the one task per node")
     parser.add_argument("--time", default="24:00:00", help="wall-clock limit, [D-]HH:MM:SS")
     parser.add_argument("--config", default="configs/vit-b-32.yaml")
@@ -166,10 +173,12 @@ def deepspeed_plan(options: argparse.Namespace, train_args: list[str], pool: Hos
     else:
         active = first_hosts(pool, options.num_nodes)
         num_nodes, num_gpus = len(active), gpus_for_every_host(active, options.num_gpus)
+    # One host left: the runner starts its ranks locally, without ssh, but would still refuse to start
+    # when ssh to that host fails (a one-node SLURM job on nodes without sshd), so skip its ssh check.
     command = deepspeed_command(train_args, hostfile=str(pool.hostfile), num_nodes=num_nodes, num_gpus=num_gpus,
                                 include=options.include, exclude=options.exclude,
                                 master_addr=options.master_addr or next(iter(active)),
-                                master_port=options.master_port)
+                                master_port=options.master_port, ssh_check=len(active) > 1)
     plan = LaunchPlan(command)
     if pool.generated:
         plan.files.append((pool.hostfile, format_hostfile(pool.hosts)))

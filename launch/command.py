@@ -13,12 +13,16 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def deepspeed_command(train_args: Sequence[str], *, hostfile: str | None = None, num_nodes: int | None = None,
                       num_gpus: int | None = None, include: str = "", exclude: str = "",
-                      master_addr: str | None = None, master_port: int = 29500) -> list[str]:
+                      master_addr: str | None = None, master_port: int = 29500,
+                      ssh_check: bool = True) -> list[str]:
     """``deepspeed [--hostfile ...] ... --no_local_rank --module clip_train.cli ARGS``.
 
     ``--no_local_rank`` because clip-train reads LOCAL_RANK from the environment and its parser
     would reject the ``--local_rank=N`` argument the launcher otherwise appends. The runner refuses
     ``--num_nodes/--num_gpus`` together with ``--include/--exclude``, so callers pass one or the other.
+    ``ssh_check=False`` adds ``--no_ssh_check``: with a hostfile the runner first runs
+    ``ssh FIRST_HOST hostname`` and stops when that fails, even when only one host is left to run on,
+    which it then launches locally without ssh.
     """
     command = ["deepspeed"]
     if hostfile is not None:
@@ -33,6 +37,8 @@ def deepspeed_command(train_args: Sequence[str], *, hostfile: str | None = None,
         command += ["--exclude", exclude]
     if master_addr:
         command += ["--master_addr", master_addr]
+    if not ssh_check:
+        command.append("--no_ssh_check")
     command += ["--master_port", str(master_port), "--no_local_rank", "--module", TRAIN_MODULE]
     return command + list(train_args)
 

@@ -107,12 +107,34 @@ def default_hostfile_path(environ: Mapping[str, str]) -> Path:
     return Path(base) / f"clip-launch-{job}.hostfile"
 
 
+_SRUN_NOTE_GPU = """\
+# (c) No launcher at all: one srun task per GPU, ranks from SLURM_PROCID/SLURM_LOCALID. Change the header
+#     to --ntasks-per-node={gpus} (and --cpus-per-task to the CPUs per GPU) first. Every task sees
+#     all GPUs of its node and takes cuda:SLURM_LOCALID, so do not bind with --gpus-per-task."""
+
+_SRUN_NOTE_CPU = """\
+# (c) No launcher at all: one srun task per rank, ranks from SLURM_PROCID/SLURM_LOCALID. Change the header
+#     to --ntasks-per-node=RANKS (the ranks per node) and --cpus-per-task to the CPUs per rank first."""
+
+
 def render_sbatch_script(*, nodes: int, gpus_per_node: int, cpus_per_task: int, time: str, config: str,
                          job_name: str) -> str:
-    """The batch script template with its ``@NAME@`` slots filled (``@`` never clashes with shell ``$``)."""
+    """The batch script template with its ``@NAME@`` slots filled (``@`` never clashes with shell ``$``).
+
+    ``gpus_per_node=0`` is the CPU form: no GPU request (a ``--gpus-per-node`` line is refused by a
+    cluster without GPU gres), and ``--num-gpus 1`` for clip-launch, which otherwise reads its
+    processes per node from the job's GPU count: one clip-train process per node.
+    """
     text = (Path(__file__).parent / "sbatch_template.txt").read_text()
-    values = {"NODES": nodes, "GPUS_PER_NODE": gpus_per_node, "CPUS_PER_TASK": cpus_per_task,
-              "TIME": time, "CONFIG": shlex.quote(config), "JOB_NAME": job_name}
+    if gpus_per_node:
+        gpu_request, num_gpus = f"#SBATCH --gpus-per-node={gpus_per_node}", ""
+        srun_note = _SRUN_NOTE_GPU.format(gpus=gpus_per_node)
+    else:
+        gpu_request, num_gpus = "# CPU nodes: no GPU request; clip-launch runs one clip-train process per node.", \
+            " --num-gpus 1"
+        srun_note = _SRUN_NOTE_CPU
+    values = {"NODES": nodes, "GPU_REQUEST": gpu_request, "NUM_GPUS": num_gpus, "SRUN_NOTE": srun_note,
+              "CPUS_PER_TASK": cpus_per_task, "TIME": time, "CONFIG": shlex.quote(config), "JOB_NAME": job_name}
     for name, value in values.items():
         text = text.replace(f"@{name}@", str(value))
     return text

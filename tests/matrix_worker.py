@@ -51,9 +51,9 @@ class SyntheticData:
 
         self.batch, self.rank, self.world = cfg.batch_size, rank, world_size
         self.tokenizer, self.modality = tokenizer, MODALITIES.get(modality)
-        self.batches_per_epoch, self.workers = STEPS_PER_EPOCH * ACCUM, 0
+        self.batches_per_epoch, self.workers, self.roles = STEPS_PER_EPOCH * ACCUM, 0, 1
 
-    def epoch_batches(self, epoch: int, skip: int = 0):
+    def epoch_batches(self, epoch: int, skip: int = 0, consumed=None):
         for index in range(skip, self.batches_per_epoch):
             step, micro = divmod(index, ACCUM)
             generator = torch.Generator().manual_seed(1000 * epoch + step)

@@ -171,6 +171,26 @@ def test_deepspeed_include_command_skips_num_flags_and_uses_first_included_host(
                                 "--module", "clip_train.cli", *TRAIN]
 
 
+def test_one_host_skips_the_runners_ssh_check(hostfile, clean_env, monkeypatch, capsys):
+    """With one host the runner launches locally, but it would still stop when ``ssh HOST hostname`` fails
+    (a one-node SLURM job on nodes without sshd): one host gets --no_ssh_check, several keep the check."""
+    from deepspeed.launcher.runner import parse_args
+
+    for argv in (["--num-nodes", "1"], ["--include", "worker-1:0,1"]):
+        code, out, _ = run_cli(capsys, "--hostfile", str(hostfile), *argv, "--dry-run", "--", *TRAIN)
+        assert code == 0 and "--no_ssh_check" in shlex.split(out), out
+        assert parse_args(shlex.split(out)[1:]).no_ssh_check
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node7")
+    code, out, _ = run_cli(capsys, "--slurm", "--num-gpus", "1", "--dry-run", "--", *TRAIN)
+    assert shlex.split(out.splitlines()[-1]) == [
+        "deepspeed", "--hostfile", str(clean_env / "tmp" / f"clip-launch-{os.getpid()}.hostfile"), "--num_nodes", "1",
+        "--num_gpus", "1", "--master_addr", "node7", "--no_ssh_check", "--master_port", "29500", "--no_local_rank",
+        "--module", "clip_train.cli", *TRAIN]
+    for argv in (["--num-nodes", "2"], ["--include", "worker-0@worker-2"], []):
+        code, out, _ = run_cli(capsys, "--hostfile", str(hostfile), *argv, "--dry-run", "--", *TRAIN)
+        assert code == 0 and "--no_ssh_check" not in out, out
+
+
 def test_slurm_dry_run_shows_hostfile_and_command(clean_env, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-[01-02]")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
@@ -294,6 +314,23 @@ def test_sbatch_template(capsys):
     assert "@" not in out.replace('"$', ""), "every placeholder is filled"
     assert render_sbatch_script(nodes=1, gpus_per_node=1, cpus_per_task=1, time="1:00:00", config="c",
                                 job_name="j").startswith("#!/bin/bash")
+
+
+def test_sbatch_template_for_cpu_nodes(capsys):
+    """--gpus-per-node 0: no GPU request (a cluster without GPU gres rejects the job otherwise) and
+    --num-gpus 1 for clip-launch, which has no GPU count to read from the job: one process per node."""
+    code, out, _ = run_cli(capsys, "sbatch-template", "--nodes", "3", "--gpus-per-node", "0", "--config", "c.yaml")
+    assert code == 0
+    assert "--gpus-per-node" not in out and "--gres" not in out and "cuda" not in out
+    commands = [line for line in out.splitlines() if "clip-launch --slurm" in line]
+    assert len(commands) == 2 and all("clip-launch --slurm --num-gpus 1 " in line for line in commands)
+    assert "#SBATCH --nodes=3\n" in out and "#SBATCH --ntasks-per-node=1\n" in out
+    assert "# srun --kill-on-bad-exit=1 python -m clip_train.cli --config c.yaml\n" in out
+    assert "@" not in out.replace('"$', "")
+    gpu = render_sbatch_script(nodes=3, gpus_per_node=4, cpus_per_task=8, time="1:00:00", config="c.yaml", job_name="j")
+    assert "#SBATCH --gpus-per-node=4\n" in gpu and "--num-gpus" not in gpu and "--ntasks-per-node=4 " in gpu
+    code, _, err = run_cli(capsys, "sbatch-template", "--gpus-per-node", "-1")
+    assert code == 2 and "must be a non-negative integer" in err
 
 
 # --- bad invocations --------------------------------------------------------------------------------------------

@@ -54,15 +54,6 @@ def test_resume_after_interrupt_gives_the_same_losses(demo_dataset, tmp_path, un
     check_interrupted_run_resumes_exactly(demo_dataset, tmp_path, uninterrupted, sig, at_step)
 
 
-def test_resume_with_the_loader_in_the_main_process(demo_dataset, tmp_path_factory):
-    # workers=0: augmentation draws from the main RNG, so the fast-forward must happen before the
-    # RNG state is restored.
-    run_dir = tmp_path_factory.mktemp("full0")
-    subprocess.run(command(demo_dataset, run_dir, "data.workers=0"), check=True, capture_output=True)
-    check_interrupted_run_resumes_exactly(demo_dataset, tmp_path_factory.mktemp("cut0"), losses(run_dir),
-                                          signal.SIGKILL, 5, "data.workers=0")
-
-
 def check_interrupted_run_resumes_exactly(demo, tmp_path, uninterrupted, sig, at_step, *extra):
     code = start_and_interrupt(command(demo, tmp_path, *extra), tmp_path, at_step, sig)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
@@ -76,3 +67,60 @@ def check_interrupted_run_resumes_exactly(demo, tmp_path, uninterrupted, sig, at
     for step in range(resumed_from + 1, STEPS + 1):
         assert after[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
     assert not list((tmp_path / "checkpoints").glob(".partial-*"))
+
+
+# --- resume at any point of an epoch: loader workers x GradCache x ranks -------------------------
+# One uninterrupted run per cell checkpoints every few steps (all kept); each resumed run starts in a
+# fresh output directory from one of those checkpoints, mid-epoch or on an epoch's last step.
+
+CELL_SAMPLES, CELL_CHECKPOINT_EVERY = 320, 5
+
+
+@pytest.fixture(scope="module")
+def eight_shards(demo_dataset, tmp_path_factory):
+    from cluster_fixtures import repack_shards
+
+    return repack_shards(demo_dataset / "train", tmp_path_factory.mktemp("eight") / "train", 8, CELL_SAMPLES // 8)
+
+
+def cell_command(shards, run_dir, workers, accum, world, steps, *extra):
+    micro = 16 // (world * accum)  # contrastive batch 16 in every cell: an epoch is 20 steps
+    return [sys.executable, "-m", "clip_train.cli", "--config", DEMO_CONFIG, f"data.train={shards}",
+            f"output_dir={run_dir}", f"data.batch_size={micro}", f"data.workers={workers}", "data.shuffle_buffer=50",
+            f"train.accum_steps={accum}", f"train.steps={steps}", "train.log_every=1", "train.threads=1",
+            f"checkpoint.every_steps={CELL_CHECKPOINT_EVERY}", "checkpoint.keep=0", "optim.warmup_steps=3",
+            "eval.zeroshot=", "eval.retrieval=", *extra]
+
+
+def run_ranks(command: list[str], world: int) -> None:
+    from dist_harness import free_port
+
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = dict(os.environ)
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errors = [p.communicate(timeout=300)[1].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(e[-3000:] for e in errors)
+
+
+@pytest.mark.parametrize("workers, accum, world, resume_at", [
+    (0, 4, 1, (5, 20)),   # GradCache, loader in the main process; 20: the epoch's last step
+    (2, 1, 2, (20, 10)),
+    (1, 4, 2, (5,)),
+])
+def test_resume_anywhere_in_the_epoch_gives_the_same_losses(eight_shards, tmp_path, workers, accum, world, resume_at):
+    steps = 23  # into the second epoch
+    full = tmp_path / "full"
+    run_ranks(cell_command(eight_shards, full, workers, accum, world, steps), world)
+    expected = losses(full)
+    assert sorted(expected) == list(range(1, steps + 1))
+    for at in resume_at:
+        resumed = tmp_path / f"from_{at}"
+        checkpoint = full / "checkpoints" / f"step_{at:08d}"
+        run_ranks(cell_command(eight_shards, resumed, workers, accum, world, steps, "--resume", str(checkpoint)), world)
+        after = losses(resumed)
+        assert sorted(after) == list(range(at + 1, steps + 1))
+        assert [after[s] for s in after] == [expected[s] for s in after], f"resumed at step {at}"

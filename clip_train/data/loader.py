@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 
-from .shards import DataError, count_samples, expand_shards
+from .shards import DataError, count_samples, expand_weighted_shards
 from .modalities import MODALITIES, Modality
+from .stream import POSITION, SEED, StreamPlan, current_role, role_stream, seeded_call
 from .text_views import two_text_views
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class SampleDecoder:
         captions = [line.strip() for line in sample[self.text_ext].decode("utf-8").splitlines() if line.strip()]
         if not captions:
             raise ValueError(f"sample {key} has an empty caption")
-        # Random draws come from torch's generator, which the loader seeds per epoch and worker,
-        # so a resumed run replays them.
+        return {**seeded_call(sample[SEED], self._decode, media, captions), POSITION: sample[POSITION]}
+
+    def _decode(self, media: bytes, captions: list[str]) -> dict:
+        # Every draw (caption choice, word dropout, the transform's crops) comes from the sample's own
+        # seed: a resumed run that never decoded the samples before it draws the same.
         rng = random.Random(int(torch.randint(2**62, (1,))))
         decoded = {"caption": rng.choice(captions)}
         signal = self.modality.decode(media)
@@ -93,9 +97,10 @@ class Collate:
         self.counter = counter
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = {"skipped": self.counter.take()}
+        # position: (role, raw samples the role has delivered), what a checkpoint records to resume from
+        batch = {"skipped": self.counter.take(), "position": samples[-1][POSITION]}
         for name in samples[0]:
-            if name.startswith("__"):  # webdataset's __key__/__url__ bookkeeping
+            if name.startswith("__"):  # bookkeeping: __key__, __url__, __seed__, __position__
                 continue
             values = [s[name] for s in samples]
             if name == "caption":
@@ -105,6 +110,23 @@ class Collate:
             else:
                 batch[name] = torch.stack(values)
         return batch
+
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """What one loader worker delivers: its role's samples, decoded and batched (see ``stream``)."""
+
+    def __init__(self, plan: StreamPlan, decoder: SampleDecoder, batch_size: int, tokenizer: Callable):
+        self.plan, self.decoder, self.batch_size, self.tokenizer = plan, decoder, batch_size, tokenizer
+
+    def __iter__(self) -> Iterator[dict]:
+        counter, role = SkipCounter(), current_role(self.plan)
+        samples = role_stream(self.plan, role, counter.handler)
+        decoded = wds.map(self.decoder, handler=counter.handler)(samples)
+        collate = Collate(self.tokenizer, counter)
+        # Full batches only, each made as soon as its last sample is decoded (no look-ahead decode).
+        batches = (collate(group) for group in iter(lambda: list(itertools.islice(decoded, self.batch_size)), [])
+                   if len(group) == self.batch_size)
+        return itertools.islice(batches, self.plan.batches[role])
 
 
 @dataclass
@@ -123,41 +145,41 @@ class TrainData:
     views: frozenset = frozenset()  # IMAGE_VIEW2 and/or TEXT_VIEWS, when a loss term needs them
     word_dropout: float = 0.1
     modality: Modality = MODALITIES.get("image")
+    world_size: int = 1
+    weights: list[float] | None = None  # per shard, with resampling
+
+    @property
+    def roles(self) -> int:
+        """Independent sample streams per rank: one per loader worker (one in the main process)."""
+        return max(1, self.workers)
 
     def _media_exts(self) -> list[str]:
         return self.cfg.media_key.split(";") if self.cfg.media_key else list(self.modality.extensions)
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        """The batches of ``epoch``, after the first ``skip`` (a resumed run fast-forwards to its position).
+    def epoch_batches(self, epoch: int, skip: int = 0, consumed: dict[int, int] | None = None) -> Iterator[dict]:
+        """The batches of ``epoch`` after the first ``skip``, for a resumed run.
 
-        Every shuffle and the workers' augmentation seeds derive from (seed, epoch, rank), so an
-        epoch reads the same batches whether or not the run was interrupted.
+        The skipped samples are dropped as raw tar members, never decoded. ``consumed`` maps each
+        role to the raw samples it had delivered (the ``position`` of its last batch, which also
+        counts samples that failed to decode); without it each role's share of ``skip`` batches is
+        taken as full batches of good samples.
         """
+        if skip >= self.batches_per_epoch:
+            return iter(())
+        roles, batch = self.roles, self.cfg.batch_size
+        delivered = [len(range(role, skip, roles)) for role in range(roles)]  # batches r, r + roles, ... < skip
+        consumed = consumed or {role: n * batch for role, n in enumerate(delivered) if n}
+        per_role = math.ceil(self.batches_per_epoch / roles)
         epoch_seed = self.seed * 1_000_003 + epoch
-        loader = wds.WebLoader(self._pipeline(epoch_seed), batch_size=None, shuffle=False, num_workers=self.workers,
-                               generator=torch.Generator().manual_seed(epoch_seed * 1009 + self.rank))
-        batches = iter(loader)
-        for _ in itertools.islice(batches, skip):  # eagerly, so the caller can restore RNG state afterwards
-            pass
-        return itertools.islice(batches, self.batches_per_epoch - skip)
-
-    def _pipeline(self, epoch_seed: int) -> wds.DataPipeline:
-        cfg, counter = self.cfg, SkipCounter()
-        if cfg.resampled:
-            source = [wds.ResampledShards(self.urls, seed=epoch_seed, deterministic=True)]
-        else:
-            source = [wds.SimpleShardList(self.urls),
-                      wds.detshuffle(bufsize=len(self.urls), initial=len(self.urls), seed=epoch_seed),
-                      wds.split_by_node, wds.split_by_worker]
-        return wds.DataPipeline(
-            *source,
-            wds.tarfile_to_samples(handler=counter.handler),
-            wds.detshuffle(bufsize=cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100),
-                           seed=epoch_seed + 7919 * self.rank),
-            wds.map(SampleDecoder(self.modality, self._media_exts(), cfg.text_key, self.transform, self.views,
-                                  self.word_dropout), handler=counter.handler),
-            wds.batched(cfg.batch_size, collation_fn=Collate(self.tokenizer, counter), partial=False),
-        ).with_epoch(nbatches=math.ceil(self.batches_per_epoch / max(1, self.workers)))
+        plan = StreamPlan(tuple(self.urls), tuple(self.weights) if self.weights else None, self.cfg.resampled,
+                          epoch_seed, self.rank, self.world_size, roles, role_offset=skip % roles,
+                          consumed=tuple(consumed.get(role, 0) for role in range(roles)),
+                          batches=tuple(per_role - n for n in delivered), shuffle_buffer=self.cfg.shuffle_buffer)
+        decoder = SampleDecoder(self.modality, self._media_exts(), self.cfg.text_key, self.transform, self.views,
+                                self.word_dropout)
+        loader = torch.utils.data.DataLoader(EpochStream(plan, decoder, batch, self.tokenizer), batch_size=None,
+                                             num_workers=self.workers)
+        return itertools.islice(loader, self.batches_per_epoch - skip)
 
 
 def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool) -> int:
@@ -178,7 +200,7 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
                      world_size: int = 1, views: frozenset = frozenset(), word_dropout: float = 0.1,
                      modality: str = "image") -> TrainData:
     """``cfg`` is the ``DataConfig``. An epoch is ``train_num_samples`` (or the shards' total) samples."""
-    urls = expand_shards(cfg.train)
+    urls, weights = expand_weighted_shards(cfg.train, cfg.train_weights)
     num_samples = cfg.train_num_samples or count_samples(urls)
     if not num_samples:
         raise DataError("cannot tell the dataset size: no sizes.json next to the shards; set data.train_num_samples")
@@ -188,4 +210,4 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
                         f"lower data.batch_size")
     workers = _check_split(urls, cfg.workers, world_size, cfg.resampled)
     return TrainData(cfg, urls, transform, tokenizer, seed, rank, workers, num_samples, batches,
-                     frozenset(views), word_dropout, MODALITIES.get(modality))
+                     frozenset(views), word_dropout, MODALITIES.get(modality), world_size, weights)

@@ -31,6 +31,37 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
+def parse_weights(text: str, sources: int) -> list[float]:
+    """``data.train_weights``: one non-negative number per ``::`` source, separated by ``,`` or ``::``."""
+    parts = [p for p in text.replace("::", ",").split(",") if p.strip()]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise DataError(f"data.train_weights={text!r}: expected numbers separated by commas, e.g. 1,4") from None
+    if len(weights) != sources:
+        raise DataError(f"data.train_weights has {len(weights)} weight(s) for {sources} source(s) in data.train: "
+                        f"give one per '::'-separated source")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise DataError(f"data.train_weights={text!r}: weights must be >= 0 and at least one positive")
+    return weights
+
+
+def expand_weighted_shards(spec: str, weights_text: str) -> tuple[list[str], list[float] | None]:
+    """The shards of ``spec`` and, when weights are given, each shard's sampling weight: its source's
+    weight, as open_clip's ``--train-data-upsampling-factors`` (a source with more shards is drawn more
+    often at equal weight, so every sample of a source is equally likely)."""
+    if not weights_text:
+        return expand_shards(spec), None
+    sources = spec.split("::")
+    weights = parse_weights(weights_text, len(sources))
+    urls, per_shard = [], []
+    for source, weight in zip(sources, weights):
+        expanded = expand_shards(source)
+        urls.extend(expanded)
+        per_shard.extend([weight] * len(expanded))
+    return urls, per_shard
+
+
 def count_samples(urls: list[str]) -> int | None:
     """Sum the counts from each local shard's ``sizes.json`` (the file open_clip reads); None if unknown."""
     sizes_cache: dict[Path, dict] = {}

@@ -64,8 +64,9 @@ def final_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def write_rank_state(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
+def write_rank_state(directory: Path, rank: int, data_position: dict | None = None) -> None:
+    """This rank's RNG state and where its loader stands (``data_position``: see ``Trainer.resume``)."""
+    torch.save({**rng_state(), "data_position": data_position}, Path(directory) / f"rng_rank{rank}.pt")
 
 
 def read_rank_state(directory: Path, rank: int) -> dict:

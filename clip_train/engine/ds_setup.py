@@ -39,6 +39,9 @@ def build_ds_config(cfg, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log our own metrics
         "wall_clock_breakdown": False,
+        # Its throughput timer synchronises the accelerator at every forward and step (a pipeline
+        # stall per step on a GPU); we time steps ourselves.
+        "timers": {"throughput": {"enabled": False}},
     }
     if ds.config_file:
         generated = deep_merge(generated, json.loads(Path(ds.config_file).read_text()))
@@ -82,14 +85,44 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None
                                rank=env.rank, world_size=env.world_size)
 
 
+def _enabled(ds_config: dict, *sections: str) -> bool:
+    return any(isinstance(ds_config.get(s), dict) and ds_config[s].get("enabled", False) for s in sections)
+
+
+def caller_clips(ds_config: dict) -> bool:
+    """Plain fp32 at ZeRO-0: no DeepSpeed optimizer wrapper, so DeepSpeed itself would clip the
+    gradients (``clip_fp32_gradients``: a per-tensor norm loop and a per-tensor scale) after the
+    trainer already computed the global norm for its non-finite test. There the trainer clips with
+    that norm and DeepSpeed is told not to clip; every other stage and precision clips in
+    DeepSpeed's optimizer, which also tests the norm."""
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return (ds_config.get("gradient_clipping", 0.0) > 0 and zero == 0
+            and not _enabled(ds_config, "bf16", "bfloat16", "fp16", "torch_autocast"))
+
+
 def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
-    """``deepspeed.initialize`` with our optimizer and schedule; logs the resolved config."""
+    """``deepspeed.initialize`` with our optimizer and schedule; logs the resolved config.
+
+    Returns ``(engine, optimizer, scheduler, clip)``: ``clip`` is the gradient-norm limit the caller
+    applies itself before ``engine.step()`` (0.0: DeepSpeed clips, or nobody does; see ``caller_clips``)."""
     import deepspeed
 
+    clip = float(ds_config["gradient_clipping"]) if caller_clips(ds_config) else 0.0
+    engine_config = {**ds_config, "gradient_clipping": 0.0} if clip else ds_config
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
-    log.info("DeepSpeed config: %s", json.dumps(ds_config, sort_keys=True))
-    return engine, ds_optimizer, ds_scheduler
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config, dist_init_required=False)
+    if clip and (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+                 or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None):
+        raise RuntimeError("DeepSpeed wrapped the optimizer although the config reads as plain fp32 at ZeRO-0: "
+                           "the trainer would clip gradients it should not touch")
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1 and engine.world_size == 1:
+        # One process: ZeRO-0's backward all-reduce is an identity that still flattens every
+        # gradient into one buffer, scales it by 1, all-reduces it over gloo/NCCL with itself and
+        # copies it back (about 3 passes over the gradients per step). ZeRO-1/2/3 reduce inside
+        # their optimizer (they need it to fill their partitions) and keep theirs.
+        engine.enable_backward_allreduce = False
+    log.info("DeepSpeed config: %s", json.dumps(engine_config, sort_keys=True))
+    return engine, ds_optimizer, ds_scheduler, clip
 
 
 def after_skipped_step(optimizer) -> None:

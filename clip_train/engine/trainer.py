@@ -75,6 +75,7 @@ class Trainer:
         self.skipped_steps = self.nonfinite_streak = 0
         self.stopping = False
         self._pending_rng: dict | None = None
+        self.data_consumed: dict[int, int] = {}  # loader role -> raw samples it delivered this epoch
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -119,7 +120,9 @@ class Trainer:
             step, total_steps=self.total_steps, warmup_steps=cfg.optim.warmup_steps,
             base_lr=base_lr, min_lr=cfg.optim.min_lr) / base_lr)
         self.ds_config = build_ds_config(cfg, self.env.world_size)
-        self.engine, self.optimizer, self.scheduler = initialize(model, optimizer, scheduler, self.ds_config)
+        # grad_clip: fp32 at ZeRO-0, where we clip with the norm our non-finite test computes anyway.
+        self.engine, self.optimizer, self.scheduler, self.grad_clip = initialize(model, optimizer, scheduler,
+                                                                                 self.ds_config)
         self.model = self.engine.module
         self.compute_dtype = PRECISION_DTYPES[cfg.ds.precision]
         # DeepSpeed's ZeRO, bf16 and fp16 optimizers test the gradient norm themselves and skip a
@@ -148,7 +151,9 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         accum = self.cfg.train.accum_steps
-        batches = self.data.epoch_batches(self.epoch, skip=self.step_in_epoch * accum)
+        if self.step_in_epoch == 0:
+            self.data_consumed = {}
+        batches = self.data.epoch_batches(self.epoch, skip=self.step_in_epoch * accum, consumed=self.data_consumed)
         if self._pending_rng is not None:  # after the fast-forward, so what follows matches an uninterrupted run
             ckpt.set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -156,6 +161,8 @@ class Trainer:
             if len(group) < accum:
                 break
             self.phase = f"train step {self.step + 1}"
+            # Each loader role's raw position after its latest batch: a checkpoint resumes from it.
+            self.data_consumed.update(dict(b["position"] for b in group if "position" in b))
             self._after_step(self.train_step(group))
             self.stopping = self.stop.poll()
             if self.step >= self.total_steps or self.stopping:
@@ -258,8 +265,9 @@ class Trainer:
         Under ZeRO-1/2/3, bf16 and fp16 the test is DeepSpeed's own, on the (partitioned) gradients
         (fp16: its loss scaler also lowers the scale); fp32 at ZeRO-0 has no DeepSpeed wrapper, so we
         test the global gradient norm: our only host read of a non-logging step (the gradients are
-        already averaged over ranks, so every rank decides alike)."""
-        if not self.ds_checks_gradients and not self._gradients_finite():
+        already averaged over ranks, so every rank decides alike). That norm is also the one the
+        gradient clipping needs, so we clip with it here and DeepSpeed does not clip again."""
+        if not self.ds_checks_gradients and not self._clip_gradients_and_test_finite():
             self.engine.zero_grad()  # no optimizer step: weights, moments and the schedule stay as they were
             return False
         self.engine.step()
@@ -273,9 +281,16 @@ class Trainer:
         self.nonfinite_streak = 0
         return True
 
-    def _gradients_finite(self) -> bool:
+    def _clip_gradients_and_test_finite(self) -> bool:
+        """fp32 at ZeRO-0: one global norm (a foreach pass), the clip with it (``optim.grad_clip``, as
+        DeepSpeed's own: coefficient min(1, max / (norm + 1e-6))), then the finiteness of that norm."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not grads:
+            return True
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.grad_clip:  # a non-finite norm makes the gradients NaN here: the step is skipped anyway
+            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+        return bool(torch.isfinite(norm))
 
     def _skip_step(self) -> None:
         """Count a step whose update was skipped; the data it read is consumed all the same."""
@@ -351,7 +366,8 @@ class Trainer:
         client_state = {"clip_train": {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                        "skipped_steps": self.skipped_steps}}
         self.engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, client_state=client_state, save_latest=False)
-        ckpt.write_rank_state(tmp, self.env.rank)
+        ckpt.write_rank_state(tmp, self.env.rank, {"epoch": self.epoch, "roles": self.data.roles,
+                                                   "consumed": dict(self.data_consumed)})
         if self.env.is_main:
             ckpt.write_weights(tmp, weights)
         _barrier()
@@ -369,7 +385,21 @@ class Trainer:
         self.step, self.epoch = position["step"], position["epoch"]
         self.step_in_epoch, self.skipped_steps = position["step_in_epoch"], position["skipped_steps"]
         self._pending_rng = ckpt.read_rank_state(path, self.env.rank)
+        self.data_consumed = self._resumed_data_position(self._pending_rng.get("data_position"))
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved on an epoch's last step: start the next one
+            self.epoch, self.step_in_epoch, self.data_consumed = self.epoch + 1, 0, {}
         log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, self.step, self.epoch, self.step_in_epoch)
+
+    def _resumed_data_position(self, saved: dict | None) -> dict[int, int]:
+        """Raw samples each loader role had delivered, if the checkpoint's roles are this run's roles."""
+        if not saved or saved["epoch"] != self.epoch:
+            return {}
+        if saved["roles"] != self.data.roles:
+            log.warning("the checkpoint read its data with %d loader worker(s), this run with %d: the rest of "
+                        "epoch %d comes in another order than it would have", saved["roles"], self.data.roles,
+                        self.epoch)
+            return {}
+        return {int(role): int(n) for role, n in saved["consumed"].items()}
 
     def export(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         """``RUN/export`` in open_clip's format, from the same fp32 masters as the checkpoint."""
