@@ -1,7 +1,8 @@
 """DCL, HN-NCE, uniformity and alignment under real gloo process groups (world sizes 2, 4).
 
 One spawned job per world size (``dist_harness``, with the batches of ``test_losses_distributed``)
-runs every term on even and uneven per-rank sizes, plus rank-dependent incoming gradients; the parent
+runs every term on even and uneven per-rank sizes, plus rank-dependent incoming gradients, with
+both block exchanges (``ring`` and ``allgather``; alignment exchanges nothing); the parent
 checks the engine's convention against the single-process naive references:
 mean over ranks of the losses == full-batch loss, each rank's feature gradients ==
 W x the full-batch gradients of its rows, mean over ranks of the scale gradients == the
@@ -22,16 +23,16 @@ from clip_train.losses import (
     uniformity_loss,
     uniformity_terms,
 )
+from test_losses_distributed import EXCHANGES, uneven_sizes
 from test_losses_distributed import make_batch as base_batch
-from test_losses_distributed import uneven_sizes
 
 TILE = 5  # divides none of the per-rank sizes
 HN = dict(beta_image=0.3, beta_text=0.7, alpha=0.6)
 TERMS = ("dcl", "hn", "uniformity", "uniformity_terms", "alignment")
 
 
-def ours(term, a, b, s, group=None):
-    kw = dict(tile_size=TILE, group=group)
+def ours(term, a, b, s, group=None, exchange="ring"):
+    kw = dict(tile_size=TILE, group=group, exchange=exchange)
     if term == "dcl":
         return decoupled_contrastive_loss(a, b, s, **kw)
     if term == "hn":
@@ -75,10 +76,11 @@ def child_scenarios(rank, world):
         a, b, s = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
         sl = rank_rows(sizes, rank)
         for term in TERMS:
-            out[(name, term)] = run(lambda *x, term=term: ours(term, *x), a[sl], b[sl], s)
-            if name == "uneven":  # backward of (rank + 1) * L_r on every rank
-                out[("weighted", term)] = run(lambda *x, term=term: ours(term, *x), a[sl], b[sl], s,
-                                              grad_out=rank + 1.0)
+            for ex in EXCHANGES:
+                fn = lambda *x, term=term, ex=ex: ours(term, *x, exchange=ex)  # noqa: E731
+                out[(name, term, ex)] = run(fn, a[sl], b[sl], s)
+                if name == "uneven":  # backward of (rank + 1) * L_r on every rank
+                    out[("weighted", term, ex)] = run(fn, a[sl], b[sl], s, grad_out=rank + 1.0)
     return out
 
 
@@ -92,14 +94,15 @@ def close(x, y, msg):
     torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11, msg=msg)
 
 
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("term", TERMS)
 @pytest.mark.parametrize("name", ["even", "uneven"])
-def test_mean_loss_and_grads_match_full_batch(job, term, name):
+def test_mean_loss_and_grads_match_full_batch(job, term, name, exchange):
     world, results = job
     sizes = [6] * world if name == "even" else uneven_sizes(world)
     a, b, s = make_batch(sum(sizes), seed=len(sizes) + sum(sizes))
     ref_loss, ref_grads = run(lambda *x: naive(term, *x), a, b, s)
-    per_rank = [res[(name, term)] for res in results]
+    per_rank = [res[(name, term, exchange)] for res in results]
     close(torch.stack([loss for loss, _ in per_rank]).mean(), ref_loss, f"{term} loss")
     for rank, (_, grads) in enumerate(per_rank):
         sl = rank_rows(sizes, rank)
@@ -131,7 +134,18 @@ def per_rank_naive_losses(term, a, b, s, sizes):
 
 
 @pytest.mark.parametrize("term", TERMS)
-def test_rank_dependent_grad_outputs(job, term):
+def test_ring_and_allgather_agree(job, term):
+    """Same losses and gradients from both exchanges on every rank, to 1e-10 in float64."""
+    world, results = job
+    for rank, res in enumerate(results):
+        for name in ("even", "uneven", "weighted"):
+            tol = dict(rtol=1e-10, atol=1e-10, msg=f"{term} {name} rank{rank}")
+            torch.testing.assert_close(res[(name, term, "allgather")], res[(name, term, "ring")], **tol)
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("term", TERMS)
+def test_rank_dependent_grad_outputs(job, term, exchange):
     """Backward of sum_r (r + 1) L_r: each rank's loss and gradients follow its share."""
     world, results = job
     sizes = uneven_sizes(world)
@@ -140,8 +154,9 @@ def test_rank_dependent_grad_outputs(job, term):
     sum((r + 1.0) * loss for r, loss in enumerate(losses)).backward()
     grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
     for rank, res in enumerate(results):
-        loss, ours_grads = res[("weighted", term)]
+        loss, ours_grads = res[("weighted", term, exchange)]
         close(loss, losses[rank].detach(), f"{term} rank{rank} loss")
         for i in range(2):
             close(ours_grads[i], grads[i][rank_rows(sizes, rank)], f"{term} rank{rank} grad {i}")
-    close(torch.stack([res[("weighted", term)][1][2] for res in results]).sum(), grads[2], f"{term} scale")
+    close(torch.stack([res[("weighted", term, exchange)][1][2] for res in results]).sum(), grads[2],
+          f"{term} scale")

@@ -1,6 +1,7 @@
-"""Contrastive losses: tiled (no B x B logits), ring-distributed softmax and sigmoid terms,
+"""Contrastive losses: tiled (no B x B logits), distributed softmax and sigmoid terms,
 decoupled / hard-negative contrastive terms (``decoupled``) and uniformity / alignment
-(``geometry``).
+(``geometry``); the distributed terms exchange blocks around a ring or with one all-gather
+(``exchange``, see ``ring``).
 
 Each loss is a pure function of the features (+ learnable scale/bias) returning
 ``(loss, metrics)``; see ``tiled_softmax`` / ``tiled_sigmoid`` for the formulas and the

@@ -43,10 +43,10 @@ from typing import Dict, Tuple
 
 import torch
 
-from .ring import Ring, make_ring, ring_loop
+from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, ring_loop
 from .tiled_softmax import (
-    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device, scaled_logits, stat_dtype,
-    tile_ranges,
+    acc_mm, check_inputs, exchange_row_bytes, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device,
+    scaled_logits, stat_dtype, tile_ranges,
 )
 
 NEG_INF = float("-inf")
@@ -132,7 +132,7 @@ class _TiledWeightedContrastive(torch.autograd.Function):
             _stat_tiles(a, blk[0], s, betas, row_stats, acc_q, q == ring.rank, tile)
             b_sum.add_(blk[0].sum(0, dtype=st))
 
-        col_stats = ring_loop(ring, [b], col_stats, step)
+        col_stats = ring_loop(ring, [b], col_stats, step, merge=["logaddexp"] * len(col_stats))
         diag = s * rowwise_dot(a, b, st)
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         n_neg = ring.total - 1
@@ -162,7 +162,7 @@ class _TiledWeightedContrastive(torch.autograd.Function):
             col = (blk[1] * c[q], blk[2], blk[3] if betas[1] != 0 else None)
             _grad_tiles(a, blk[0], s, betas, row, col, ga_u, acc_q[0], q == ring.rank, ctx.tile)
 
-        (gb_u,) = ring_loop(ring, static, [gb_u], step)
+        (gb_u,) = ring_loop(ring, static, [gb_u], step, merge=["sum"])
         # Diagonal: dL_r/dS_ii = -c_r (nu_i + nu'_i) (both directions own the positive).
         d = ((row_nu + col_nu) * -c[ring.rank])[:, None]
         ga_u.add_(d * b.to(st))
@@ -173,14 +173,17 @@ class _TiledWeightedContrastive(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _weighted(a, b, scale, betas, alpha, tile_size, group, name):
+def _weighted(a, b, scale, betas, alpha, tile_size, group, name, exchange, memory_mb):
     check_inputs(a, b, tile_size, scale)
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    ring = make_ring(a.shape[0], a.device, group)
+    betas = (float(betas[0]), float(betas[1]))
+    # Column statistics: U (and V when beta_text != 0); the backward gathers nu, U[, V].
+    n_col = 1 + (betas[1] != 0)
+    ring = make_ring(a.shape[0], a.device, group, exchange=exchange,
+                     row_bytes=exchange_row_bytes(a, n_col, 1 + n_col), memory_mb=memory_mb)
     if alpha == 0 and ring.total < 2:
         raise ValueError(f"{name} needs a global batch of at least 2 (no negatives otherwise)")
-    betas = (float(betas[0]), float(betas[1]))
     loss, sums = _TiledWeightedContrastive.apply(a, b, scale, betas, float(alpha), int(tile_size), ring)
     return loss, metrics_from_sums(loss, sums)
 
@@ -192,17 +195,20 @@ def decoupled_contrastive_loss(
     *,
     tile_size: int = 1024,
     group=None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Decoupled contrastive loss (DCL, Yeh et al.): the positive leaves the denominator,
 
         L = 1/2 [ 1/B sum_i (-S_ii + log sum_{j != i} exp S_ij)
                 + 1/B sum_j (-S_jj + log sum_{i != j} exp S_ij) ],
 
-    tiled and ring-distributed like ``softmax_contrastive_loss`` (same per-rank share and
-    gradient convention).  Needs a global batch of at least 2.
+    tiled and distributed like ``softmax_contrastive_loss`` (same per-rank share, gradient
+    convention and ``exchange`` / ``exchange_memory_mb``).  Needs a global batch of at least 2.
     Returns ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})`` (detached tensors).
     """
-    return _weighted(image_features, text_features, logit_scale, (0.0, 0.0), 0.0, tile_size, group, "DCL")
+    return _weighted(image_features, text_features, logit_scale, (0.0, 0.0), 0.0, tile_size, group, "DCL",
+                     exchange, exchange_memory_mb)
 
 
 def hard_negative_contrastive_loss(
@@ -215,6 +221,8 @@ def hard_negative_contrastive_loss(
     alpha: float = 1.0,
     tile_size: int = 1024,
     group=None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """DiHT's HN-NCE: for row ``i`` (image->text, ``beta = beta_image``),
 
@@ -226,8 +234,9 @@ def hard_negative_contrastive_loss(
     ``beta = 0, alpha = 1`` is InfoNCE, ``beta = 0, alpha = 0`` is DCL.  A global batch of
     1 (no negatives) gives ``log alpha`` per row and is rejected when ``alpha = 0``.
     Tiled (two log-domain statistics per row and column, float32 for half inputs) and
-    ring-distributed with the convention of ``softmax_contrastive_loss``.
+    distributed with the convention (and ``exchange`` / ``exchange_memory_mb``) of
+    ``softmax_contrastive_loss``.
     Returns ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})`` (detached tensors).
     """
     return _weighted(image_features, text_features, logit_scale, (beta_image, beta_text), alpha,
-                     tile_size, group, "HN-NCE with alpha=0")
+                     tile_size, group, "HN-NCE with alpha=0", exchange, exchange_memory_mb)

@@ -32,7 +32,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .ring import Ring, make_ring, ring_loop
+from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, pass_row_bytes, ring_loop
 from .tiled_softmax import acc_mm, scaled_logits, stat_dtype, tile_ranges
 
 NEG_INF = float("-inf")
@@ -101,7 +101,8 @@ class _TiledUniformity(torch.autograd.Function):
 
 
 def uniformity_loss(
-    features: torch.Tensor, *, t: float = 2.0, tile_size: int = 1024, group=None
+    features: torch.Tensor, *, t: float = 2.0, tile_size: int = 1024, group=None, exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Uniformity over all pairs of the global batch (every rank's rows):
 
@@ -112,13 +113,16 @@ def uniformity_loss(
     (so the mean over ranks is ``U``); its backward gives each rank's rows
     ``(sum_r g_r) dU/dx``, i.e. ``W x`` the single-process gradient when every rank
     back-propagates its loss with weight 1.  Needs a global batch of at least 2.
+    ``exchange`` / ``exchange_memory_mb`` as in ``softmax_contrastive_loss`` (only the
+    features travel; no accumulator).
     Returns ``(loss, {"loss"})``; ``loss`` is float32 for half-precision inputs.
     """
     if features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be (n, D) with n >= 1, got {tuple(features.shape)}")
     if int(tile_size) < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
-    ring = make_ring(features.shape[0], features.device, group)
+    ring = make_ring(features.shape[0], features.device, group, exchange=exchange,
+                     row_bytes=pass_row_bytes([(features.shape[1], features.dtype)]), memory_mb=exchange_memory_mb)
     if ring.total < 2:
         raise ValueError("uniformity needs a global batch of at least 2 rows")
     loss = _TiledUniformity.apply(features, float(t), int(tile_size), ring)
@@ -133,6 +137,8 @@ def uniformity_terms(
     tile_size: int = 1024,
     group=None,
     union_weight: float = 0.0,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Within-modality uniformity plus the union of both modalities:
 
@@ -144,7 +150,7 @@ def uniformity_terms(
     convention as ``uniformity_loss``.
     Returns ``(loss, {"loss", "uniformity_image", "uniformity_text", "uniformity_union"})``.
     """
-    kw = dict(t=t, tile_size=tile_size, group=group)
+    kw = dict(t=t, tile_size=tile_size, group=group, exchange=exchange, exchange_memory_mb=exchange_memory_mb)
     u_img, _ = uniformity_loss(image_features, **kw)
     u_txt, _ = uniformity_loss(text_features, **kw)
     both = torch.cat([image_features, text_features])

@@ -42,7 +42,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ring import Ring, make_ring, ring_loop
+from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, pass_row_bytes, ring_loop
 from .tiled_softmax import acc_mm, rowwise_dot, scaled_logits, stat_dtype, tile_ranges
 
 
@@ -138,8 +138,10 @@ def nt_xent_loss(
     temperature: float = 0.1,
     tile_size: int = 1024,
     group=None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """SimCLR's NT-Xent between two views, tiled and (if distributed) ring-passed.
+    """SimCLR's NT-Xent between two views, tiled and (if distributed) exchanged.
 
     ``L = -1/(2N) sum_i log( exp(z_i.z_p(i)/tau) / sum_{k != i} exp(z_i.z_k/tau) )`` over the
     ``2N`` global views ``z`` (rows L2-normalised here; ``p(i)`` = the other view of ``i``).
@@ -147,12 +149,17 @@ def nt_xent_loss(
     its local rows; the mean over ranks of the returned loss is the full-batch loss and each
     rank's gradient is ``world_size x`` the single-process gradient of its rows.  Per-rank
     sizes may differ.  Half-precision inputs keep float32 statistics; the loss is float32.
+    ``exchange`` / ``exchange_memory_mb`` as in ``softmax_contrastive_loss`` (the blocks are
+    the ``2 n_r`` stacked views; no accumulator travels).
     Returns ``(loss, {"loss", "pos_sim_mean", "neg_sim_mean"})`` (detached; cosine
     similarities averaged over this rank's rows; ``neg_sim_mean`` is 0 without negatives).
     """
     _check(view1, view2, temperature, tile_size)
     u = F.normalize(torch.cat([view1, view2]), dim=1)
-    ring = make_ring(u.shape[0], u.device, group)
+    st = stat_dtype(u.dtype)  # the backward gathers the views and their row statistics
+    row_bytes = pass_row_bytes([(u.shape[1], u.dtype), (1, st)])
+    ring = make_ring(u.shape[0], u.device, group, exchange=exchange, row_bytes=row_bytes,
+                     memory_mb=exchange_memory_mb)
     loss, sums = _TiledNTXent.apply(u, 1.0 / float(temperature), int(tile_size), ring)
     pos, neg, n_pos, n_neg = sums.detach().unbind()
     return loss, {"loss": loss.detach(), "pos_sim_mean": pos / n_pos, "neg_sim_mean": neg / n_neg.clamp(min=1)}
@@ -187,8 +194,11 @@ def embed_dropout_loss(
     tile_size: int = 1024,
     group=None,
     generator: Optional[torch.Generator] = None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """NT-Xent between two embedding-dropout views of ``features`` (MERL):
     ``L = nt_xent(dropout_p(x), dropout_p'(x))``; see :func:`nt_xent_loss`."""
     v1, v2 = embedding_dropout_views(features, p, generator)
-    return nt_xent_loss(v1, v2, temperature=temperature, tile_size=tile_size, group=group)
+    return nt_xent_loss(v1, v2, temperature=temperature, tile_size=tile_size, group=group, exchange=exchange,
+                        exchange_memory_mb=exchange_memory_mb)

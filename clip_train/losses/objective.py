@@ -57,12 +57,18 @@ def register(name: str, *needs: str):
     return decorator
 
 
+def _tiled(loss_cfg) -> dict:
+    """Keywords of every tiled, distributed term: tile edge and block exchange (``loss.*``)."""
+    return dict(tile_size=loss_cfg.tile_size, exchange=loss_cfg.exchange,
+                exchange_memory_mb=loss_cfg.exchange_memory_mb)
+
+
 @register("contrastive")
 def _contrastive(x: TermInputs, cfg, loss_cfg):
     if loss_cfg.kind == "sigmoid":
         return sigmoid_contrastive_loss(x.image_features, x.text_features, x.logit_scale, x.logit_bias,
-                                        tile_size=loss_cfg.tile_size)
-    return softmax_contrastive_loss(x.image_features, x.text_features, x.logit_scale, tile_size=loss_cfg.tile_size)
+                                        **_tiled(loss_cfg))
+    return softmax_contrastive_loss(x.image_features, x.text_features, x.logit_scale, **_tiled(loss_cfg))
 
 
 @register("caption", CAPTION)
@@ -73,25 +79,25 @@ def _caption(x: TermInputs, cfg, loss_cfg):
 @register("intra_image", IMAGE_VIEW2)
 def _intra_image(x: TermInputs, cfg, loss_cfg):
     return nt_xent_loss(x.image_features, x.image_features_view2, temperature=cfg.intra_temperature,
-                        tile_size=loss_cfg.tile_size)
+                        **_tiled(loss_cfg))
 
 
 @register("intra_text", TEXT_VIEWS)
 def _intra_text(x: TermInputs, cfg, loss_cfg):
     return nt_xent_loss(x.text_features_view1, x.text_features_view2, temperature=cfg.intra_temperature,
-                        tile_size=loss_cfg.tile_size)
+                        **_tiled(loss_cfg))
 
 
 @register("embed_dropout")
 def _embed_dropout(x: TermInputs, cfg, loss_cfg):
     # The non-text tower's embedding, as MERL does for ECG; works for any modality.
     return embed_dropout_loss(x.image_features, p=cfg.embed_dropout_p, temperature=cfg.intra_temperature,
-                              tile_size=loss_cfg.tile_size)
+                              **_tiled(loss_cfg))
 
 
 @register("uniformity")
 def _uniformity(x: TermInputs, cfg, loss_cfg):
-    return uniformity_terms(x.image_features, x.text_features, t=cfg.uniformity_t, tile_size=loss_cfg.tile_size)
+    return uniformity_terms(x.image_features, x.text_features, t=cfg.uniformity_t, **_tiled(loss_cfg))
 
 
 @register("alignment")
@@ -101,14 +107,14 @@ def _alignment(x: TermInputs, cfg, loss_cfg):
 
 @register("dcl")
 def _dcl(x: TermInputs, cfg, loss_cfg):
-    return decoupled_contrastive_loss(x.image_features, x.text_features, x.logit_scale, tile_size=loss_cfg.tile_size)
+    return decoupled_contrastive_loss(x.image_features, x.text_features, x.logit_scale, **_tiled(loss_cfg))
 
 
 @register("hard_negative")
 def _hard_negative(x: TermInputs, cfg, loss_cfg):
     beta = cfg.hard_negative_beta
     return hard_negative_contrastive_loss(x.image_features, x.text_features, x.logit_scale, beta_image=beta,
-                                          beta_text=beta, alpha=cfg.hard_negative_alpha, tile_size=loss_cfg.tile_size)
+                                          beta_text=beta, alpha=cfg.hard_negative_alpha, **_tiled(loss_cfg))
 
 
 def check_term_names(terms: dict[str, float]) -> None:

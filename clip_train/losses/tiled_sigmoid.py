@@ -28,10 +28,10 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ring import Ring, make_ring, ring_loop
+from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, ring_loop
 from .tiled_softmax import (
-    acc_mm, check_inputs, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device, scaled_logits, stat_dtype,
-    tile_ranges,
+    acc_mm, check_inputs, exchange_row_bytes, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device,
+    scaled_logits, stat_dtype, tile_ranges,
 )
 
 
@@ -97,7 +97,7 @@ class _TiledSigmoid(torch.autograd.Function):
         def step(q, blk, acc_q):
             _grad_tiles(a, blk[0], s, t, c, ga_u, acc_q[0], sig_sum, ctx.tile)
 
-        (gb_u,) = ring_loop(ring, [b], [gb_u], step)
+        (gb_u,) = ring_loop(ring, [b], [gb_u], step, merge=["sum"])
         # Diagonal: dL_r/dS_ii gets an extra -c (the positive pair's label).
         ga_u.sub_(b.to(st) * c)
         gb_u.sub_(a.to(st) * c)
@@ -117,15 +117,19 @@ def sigmoid_contrastive_loss(
     *,
     tile_size: int = 1024,
     group=None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """SigLIP loss over the global batch, tiled and (if distributed) ring-passed.
+    """SigLIP loss over the global batch, tiled and (if distributed) exchanged.
 
-    Same conventions as :func:`softmax_contrastive_loss`; ``logit_bias`` is the learnable
-    bias ``t``.  Returns ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})`` where the
-    logit means include the bias.
+    Same conventions (and ``exchange`` / ``exchange_memory_mb``) as
+    :func:`softmax_contrastive_loss`; ``logit_bias`` is the learnable bias ``t``.  Returns
+    ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})`` where the logit means include
+    the bias.
     """
     check_inputs(image_features, text_features, tile_size, logit_scale, logit_bias)
-    ring = make_ring(image_features.shape[0], image_features.device, group)
+    ring = make_ring(image_features.shape[0], image_features.device, group, exchange=exchange,
+                     row_bytes=exchange_row_bytes(image_features, 0, 0), memory_mb=exchange_memory_mb)
     loss, sums = _TiledSigmoid.apply(
         image_features, text_features, logit_scale, logit_bias, int(tile_size), ring
     )

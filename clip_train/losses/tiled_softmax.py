@@ -29,6 +29,13 @@ returns its rows' share, so the sum over ranks is the full ``d(sum_r g_r L_r)/ds
 term is added analytically.
 Peak extra memory: a few ``T x T`` tiles plus ``O(b D)`` accumulators and one block in
 flight, i.e. ``O(T^2 + b D)``; nothing of size ``B x B`` or ``b x B``.
+
+The blocks move between ranks with ``ring.ring_loop``: around the ring described above
+(``exchange="ring"``), or with one all-gather of the features and one all-to-all that sends
+the column accumulators home (``exchange="allgather"``, ``O(B D)`` memory, two collectives
+per pass instead of ``W`` hops); ``"auto"`` picks the all-gather when it fits a memory
+budget.  The maths, and so the gradient convention above, is the same for both; every
+tiled term (sigmoid, DCL / HN-NCE, NT-Xent, uniformity) shares this mechanism.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .ring import Ring, make_ring, ring_loop
+from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, pass_row_bytes, ring_loop
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,7 +148,7 @@ class _TiledSoftmax(torch.autograd.Function):
             _lse_tiles(a, blk[0], s, row_lse, acc_q[0], tile)
             b_sum.add_(blk[0].sum(0, dtype=st))
 
-        (col_lse,) = ring_loop(ring, [b], [col_lse], step)
+        (col_lse,) = ring_loop(ring, [b], [col_lse], step, merge=["logaddexp"])
         diag = s * rowwise_dot(a, b, st)
         loss = (row_lse - diag).sum() + (col_lse - diag).sum()
         loss = loss * (ring.world / (2.0 * ring.total))
@@ -165,7 +172,7 @@ class _TiledSoftmax(torch.autograd.Function):
         def step(q, blk, acc_q):
             _grad_tiles(a, blk[0], s, row_lse, blk[1], c[ring.rank], c[q], ga_u, acc_q[0], ctx.tile)
 
-        (gb_u,) = ring_loop(ring, [b, col_lse], [gb_u], step)
+        (gb_u,) = ring_loop(ring, [b, col_lse], [gb_u], step, merge=["sum"])
         # Diagonal: dL_r/dS_ii = -2 c_r (the positive appears in both directions).
         ga_u.add_(b.to(st) * (-2.0 * c[ring.rank]))
         gb_u.add_(a.to(st) * (-2.0 * c[ring.rank]))
@@ -174,6 +181,17 @@ class _TiledSoftmax(torch.autograd.Function):
         gs = torch.vdot(a.to(st).flatten(), ga_u.flatten())
         ga, gb = ga_u.mul_(s), gb_u.mul_(s)
         return ga.to(a.dtype), gb.to(b.dtype), gs.to(scale.dtype).reshape(scale.shape), None, None
+
+
+def exchange_row_bytes(a: torch.Tensor, n_col_stats: int = 1, n_back_stats: int = 1) -> int:
+    """Per-row bytes of the allgather exchange for the two-tower terms (softmax, sigmoid,
+    DCL / HN-NCE): the larger of the forward (features gathered, ``n_col_stats`` column
+    statistics sent home) and the backward (features + ``n_back_stats`` saved column
+    statistics gathered, feature gradients sent home)."""
+    d, st = a.shape[1], stat_dtype(a.dtype)
+    fwd = pass_row_bytes([(d, a.dtype)], [(n_col_stats, st)] if n_col_stats else [])
+    bwd = pass_row_bytes([(d, a.dtype)] + [(1, st)] * n_back_stats, [(d, st)])
+    return max(fwd, bwd)
 
 
 def metrics_from_sums(loss: torch.Tensor, sums: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -194,16 +212,22 @@ def softmax_contrastive_loss(
     *,
     tile_size: int = 1024,
     group=None,
+    exchange: str = "auto",
+    exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Symmetric InfoNCE over the global batch, tiled and (if distributed) ring-passed.
+    """Symmetric InfoNCE over the global batch, tiled and (if distributed) exchanged.
 
     ``logit_scale`` is the multiplier (already exponentiated).  Each rank passes its local
     rows; the mean over ranks of the returned loss is the full-batch loss and each rank's
     feature gradient is ``world_size x`` the single-process gradient of its rows (open_clip
     ``local_loss=True, gather_with_grad=True``).  Per-rank batch sizes may differ.
+    ``exchange`` (``ring``, ``allgather`` or ``auto``: allgather when its buffers fit
+    ``exchange_memory_mb`` MiB) only changes how blocks travel between ranks, not the
+    result; see ``ring.py``.
     Returns ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})``.
     """
     check_inputs(image_features, text_features, tile_size, logit_scale)
-    ring = make_ring(image_features.shape[0], image_features.device, group)
+    ring = make_ring(image_features.shape[0], image_features.device, group, exchange=exchange,
+                     row_bytes=exchange_row_bytes(image_features), memory_mb=exchange_memory_mb)
     loss, sums = _TiledSoftmax.apply(image_features, text_features, logit_scale, int(tile_size), ring)
     return loss, metrics_from_sums(loss, sums)
