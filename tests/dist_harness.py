@@ -1,11 +1,12 @@
 """The multi-process harness of the distributed tests (imported by them as ``dist_harness``).
 
-``run_workers`` spawns ``world`` processes (``torch.multiprocessing`` spawn context) that each
+``run_workers`` starts ``world`` processes (forked from the server of ``preloaded``, which has
+torch and the product imported: a spawned process would import them again) that each
 run ``target(rank, world, *args)`` and save its return value to ``outdir/rank{rank}.pt``; the
 parent joins them with a timeout, kills stragglers, fails the test with the children's
 tracebacks (written to ``outdir/error{rank}.txt``) and returns the per-rank results.
 
-``target`` must be a module-level function (spawned children import it by name).
+``target`` must be a module-level function (the children import it by name).
 """
 import os
 import socket
@@ -14,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+from preloaded import CONTEXT
 
 JOB_TIMEOUT_S = 120
 
@@ -58,7 +59,7 @@ def _child(rank, target, world, port, outdir, init, args):
 
 
 def run_workers(target, world, outdir, *args, init="gloo", timeout=JOB_TIMEOUT_S, weights_only=False):
-    """Run ``target(rank, world, *args)`` on ``world`` spawned ranks; return their results by rank.
+    """Run ``target(rank, world, *args)`` on ``world`` new processes; return their results by rank.
 
     ``init="gloo"``: each child joins a gloo group (TCP rendezvous on a free port) before
     ``target`` and leaves it (barrier, destroy) after saving the result.  ``init="env"``: each
@@ -67,9 +68,8 @@ def run_workers(target, world, outdir, *args, init="gloo", timeout=JOB_TIMEOUT_S
     if init not in ("gloo", "env"):
         raise ValueError(f"init must be 'gloo' or 'env', not {init!r}")
     outdir = Path(outdir)
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, target, world, port, str(outdir), init, args))
+    procs = [CONTEXT.Process(target=_child, args=(r, target, world, port, str(outdir), init, args))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -1,7 +1,7 @@
 """In-training evaluation over several ranks (real gloo processes) and under a bf16 model.
 
 The ranks' metrics must equal the single-process ones, every rank must return the same dict, and
-each rank must decode only its share of the samples. Each spawned rank builds the tiny model once
+each rank must decode only its share of the samples. Each rank process builds the tiny model once
 and runs every case, so that the process start-up is paid once per world size.
 """
 import hashlib
@@ -104,7 +104,7 @@ def datasets(demo_dataset, tmp_path_factory):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# --- what each spawned rank runs ---------------------------------------------------------------
+# --- what each rank runs ---------------------------------------------------------------------
 
 class _RecordingTransform:
     """The model's transform, appending a digest of each decoded input to a file first: a count
@@ -133,8 +133,8 @@ def _eval_error(model, preprocess, tokenizer, path) -> str | None:
 
 def _eval_on_rank(rank, world, data, outdir, workers_list, extras):
     torch.set_num_threads(1)  # the ranks share two cores: more threads only make them contend
-    # Loader workers fork, as they do under torchrun; in the harness's spawned ranks they would
-    # otherwise spawn, paying a full import per loader (spawn-safety is checked by pickling below).
+    # Loader workers fork, as they do under torchrun, whatever start method the harness's ranks
+    # inherit (a spawned loader pays a full import; spawn-safety is checked by pickling below).
     multiprocessing.set_start_method("fork", force=True)
     model, preprocess, tokenizer = _tiny_model()
     results = {}

@@ -3,11 +3,11 @@ follow ``--resume latest`` produce the same losses as an uninterrupted run (CPU,
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import preloaded
 import pytest
 from project_paths import DEMO_CONFIG
 
@@ -29,21 +29,28 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def run(cmd, log: Path, env: dict | None = None, timeout: float = 300) -> None:
+    """Run ``cmd`` (a ``clip-train`` command line) to the end in a preloaded process; fail on an error."""
+    code = preloaded.wait(preloaded.start(cmd, log, env), timeout)
+    assert code == 0, f"exit code {code}\n{preloaded.tail(log)}"
+
+
 def start_and_interrupt(cmd, run_dir, at_step: int, sig: int) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = Path(run_dir).with_name(Path(run_dir).name + "-interrupted.log")
+    proc = preloaded.start(cmd, log)
     deadline = time.time() + 240
     while max(losses(run_dir), default=0) < at_step:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.is_alive(), preloaded.tail(log)
         assert time.time() < deadline, "the run never reached the step to interrupt"
         time.sleep(0.05)
     os.kill(proc.pid, sig)
-    return proc.wait(timeout=120)
+    return preloaded.wait(proc, 120)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full")
-    subprocess.run(command(demo_dataset, run_dir), check=True, capture_output=True)
+    run(command(demo_dataset, run_dir), run_dir.with_name("full.log"))
     result = losses(run_dir)
     assert sorted(result) == list(range(1, STEPS + 1))
     return result
@@ -62,7 +69,7 @@ def check_interrupted_run_resumes_exactly(demo, tmp_path, uninterrupted, sig, at
     assert checkpoints, "no checkpoint was written before the interrupt"
     resumed_from = int(checkpoints[-1].split("_")[1])
     assert resumed_from < STEPS
-    subprocess.run(command(demo, tmp_path, *extra, "--resume", "latest"), check=True, capture_output=True)
+    run(command(demo, tmp_path, *extra, "--resume", "latest"), tmp_path.with_name(tmp_path.name + "-resumed.log"))
     after = losses(tmp_path)
     for step in range(resumed_from + 1, STEPS + 1):
         assert after[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
@@ -92,18 +99,19 @@ def cell_command(shards, run_dir, workers, accum, world, steps, *extra):
             "eval.zeroshot=", "eval.retrieval=", *extra]
 
 
-def run_ranks(command: list[str], world: int) -> None:
+def run_ranks(command: list[str], world: int, log_stem: Path) -> None:
     from dist_harness import free_port
 
-    port, procs = free_port(), []
+    port, procs, logs = free_port(), [], []
     for rank in range(world):
         env = dict(os.environ)
         if world > 1:
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    errors = [p.communicate(timeout=300)[1].decode(errors="replace") for p in procs]
-    assert [p.returncode for p in procs] == [0] * world, "\n".join(e[-3000:] for e in errors)
+        logs.append(Path(log_stem).with_name(f"{Path(log_stem).name}-rank{rank}.log"))
+        procs.append(preloaded.start(command, logs[-1], env))
+    codes = [preloaded.wait(p, 300) for p in procs]
+    assert codes == [0] * world, "\n".join(preloaded.tail(log) for log in logs)
 
 
 @pytest.mark.parametrize("workers, accum, world, resume_at", [
@@ -114,13 +122,14 @@ def run_ranks(command: list[str], world: int) -> None:
 def test_resume_anywhere_in_the_epoch_gives_the_same_losses(eight_shards, tmp_path, workers, accum, world, resume_at):
     steps = 23  # into the second epoch
     full = tmp_path / "full"
-    run_ranks(cell_command(eight_shards, full, workers, accum, world, steps), world)
+    run_ranks(cell_command(eight_shards, full, workers, accum, world, steps), world, full)
     expected = losses(full)
     assert sorted(expected) == list(range(1, steps + 1))
     for at in resume_at:
         resumed = tmp_path / f"from_{at}"
         checkpoint = full / "checkpoints" / f"step_{at:08d}"
-        run_ranks(cell_command(eight_shards, resumed, workers, accum, world, steps, "--resume", str(checkpoint)), world)
+        run_ranks(cell_command(eight_shards, resumed, workers, accum, world, steps, "--resume", str(checkpoint)), world,
+                  resumed)
         after = losses(resumed)
         assert sorted(after) == list(range(at + 1, steps + 1))
         assert [after[s] for s in after] == [expected[s] for s in after], f"resumed at step {at}"

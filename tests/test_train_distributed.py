@@ -55,7 +55,9 @@ def test_two_rank_gradients_equal_single_process(demo_dataset, tmp_path, kind):
     for loss, grads in results:
         assert loss == pytest.approx(single_loss, rel=1e-5)  # the logged loss is the full-batch loss
         for name, grad in single_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            # fp32 sums taken in another order: the noise is relative to the tensor's scale, not to each
+            # element (an element near zero of a gradient of size 2 differs by ~1e-6); a wrong term is O(1).
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
 def test_a_dead_rank_ends_the_job_instead_of_hanging_it(demo_dataset, tmp_path):

@@ -26,10 +26,10 @@ micro-batch): the contrastive batch, and so the losses, are those of the referen
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import preloaded
 import pytest
 from dist_harness import free_port
 from project_paths import DEMO_CONFIG
@@ -53,18 +53,20 @@ def clip_train_args(demo: Path, run: Path, precision: str, zero: int, batch: int
 
 def launch(report: Path, args: list[str], world: int, kill_at: int = 0) -> None:
     """``world`` worker processes (rank env as a launcher sets it); waits and checks exit codes."""
-    port, procs = free_port(), []
+    port, procs, logs = free_port(), [], []
+    report.mkdir(parents=True, exist_ok=True)
+    launch_index = len(list(report.glob("launch*-rank0.log")))
     for rank in range(world):
         env = dict(os.environ)
         if world > 1:
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(report), str(kill_at or 10**9), str(NAN_AT),
-                                       "--", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [p.communicate(timeout=RUN_TIMEOUT_S)[0].decode(errors="replace") for p in procs]
+        logs.append(report / f"launch{launch_index}-rank{rank}.log")
+        procs.append(preloaded.start([sys.executable, str(WORKER), str(report), str(kill_at or 10**9), str(NAN_AT),
+                                      "--", *args], logs[-1], env))
+    codes = [preloaded.wait(p, RUN_TIMEOUT_S) for p in procs]
     expected = -9 if kill_at else 0
-    codes = [p.returncode for p in procs]
-    assert codes == [expected] * world, f"exit codes {codes}\n" + "\n".join(o[-3000:] for o in outputs)
+    assert codes == [expected] * world, f"exit codes {codes}\n" + "\n".join(preloaded.tail(log) for log in logs)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -284,12 +284,12 @@ class Trainer:
     def _clip_gradients_and_test_finite(self) -> bool:
         """fp32 at ZeRO-0: one global norm (a foreach pass), the clip with it (``optim.grad_clip``, as
         DeepSpeed's own: coefficient min(1, max / (norm + 1e-6))), then the finiteness of that norm."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
             return True
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.grad_clip:  # a non-finite norm makes the gradients NaN here: the step is skipped anyway
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # takes the parameters
         return bool(torch.isfinite(norm))
 
     def _skip_step(self) -> None:

@@ -11,7 +11,6 @@ import functools
 import json
 
 import torch
-from sklearn.metrics import roc_auc_score
 
 from .datasets import MEDIA_EXTENSIONS, _shard_pipeline, decode_class_index, decode_media, map_examples
 from .loading import EvalError
@@ -58,6 +57,8 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
     scored = [c for c in range(targets.shape[1]) if 0 < targets[:, c].sum() < len(targets)]
     if not scored:
         raise EvalError("no class has both positive and negative samples: AUROC is undefined")
+    from sklearn.metrics import roc_auc_score  # here: importing scikit-learn adds ~2 s to every clip-train start
+
     aurocs = [roc_auc_score(targets[:, c].numpy(), scores[:, c].numpy()) for c in scored]
     f1s = [best_threshold_f1(scores[:, c], targets[:, c]) for c in scored]
     result = {"macro_auroc": sum(aurocs) / len(aurocs), "macro_f1": sum(f1s) / len(f1s),
