@@ -20,10 +20,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     try:
-        # torch's fused AdamW: one kernel per group of tensors instead of ~10 ops per parameter tensor
-        # (torch's default on a CPU, where foreach is not the default either). The same update;
-        # on a 2-core CPU 4-8x less time in the optimizer step (demo-tiny, ViT-B-32). DeepSpeed's
-        # ZeRO and bf16/fp16 wrappers hand it their fp32 master tensors, which it takes alike.
+        # torch's fused AdamW (CPU and CUDA): one kernel over a group's tensors instead of torch's
+        # default per-tensor loop, and the step counters stay tensors (no host read per parameter
+        # tensor, see benchmarks/host_syncs.py). The same update. DeepSpeed's ZeRO and bf16/fp16
+        # wrappers hand it their fp32 master tensors, which it takes alike.
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except RuntimeError:  # a device or dtype without the fused kernel
         return torch.optim.AdamW(groups, **kwargs)
