@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from project_paths import DEMO_CONFIG
 from clip_train.engine.faults import describe_failure
 
 
-# ``clip-train`` with a tripwire: building a model writes MODEL_BUILT_MARKER first (then builds it).
+# ``clip-train`` with a tripwire: building a model first creates the marker file (argv[1]), then builds it.
 WITH_TRIPWIRE = """
 import runpy, sys
 import clip_train.models as models
@@ -25,7 +26,7 @@ runpy.run_module("clip_train.cli", run_name="__main__", alter_sys=True)
 """
 
 
-# ``clip-train`` that writes MARKER at exit if it imported torch (a config error needs no torch).
+# ``clip-train`` that creates the marker file (argv[1]) at exit if it imported torch (a config error needs none).
 WITH_TORCH_PROBE = """
 import atexit, runpy, sys
 marker = sys.argv.pop(1)
@@ -36,7 +37,7 @@ runpy.run_module("clip_train.cli", run_name="__main__", alter_sys=True)
 
 def clip_train(*args: str, cwd=None, env=None, probe=WITH_TRIPWIRE) -> tuple[int, str, bool]:
     """Exit code, stderr, and whether the probe fired (by default: a model was built)."""
-    marker = os.path.join(cwd or os.getcwd(), f".probe-{os.getpid()}-{time.monotonic_ns()}")
+    marker = os.path.join(tempfile.gettempdir(), f"clip-train-probe-{os.getpid()}-{time.monotonic_ns()}")
     proc = subprocess.run([sys.executable, "-c", probe, marker, "--config", os.path.abspath(DEMO_CONFIG),
                            *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     built = os.path.exists(marker)
