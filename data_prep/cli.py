@@ -1,4 +1,5 @@
-"""`clip-prep`: shard local (image|audio|ECG, caption) pairs, or write a demo dataset.
+"""`clip-prep`: shard local (image|audio|ECG, caption) pairs, write a demo dataset, or convert a
+benchmark into CLIP_benchmark's webdataset layout.
 
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
         [--caption-column caption] [--samples-per-shard 10000] [--workers N] [--overwrite]
@@ -11,6 +12,11 @@
     clip-prep demo --out DIR [--modality image|audio|ecg] [--seed 0] [--overwrite]
         [--image-size 32] [--sample-rate 16000] [--ecg-rate 500]
         [--train-per-class N] [--test-per-class N] [--workers N]
+    clip-prep benchmark-set --out ROOT [--split test]
+        (--from-folder DIR | --from-csv FILE | --from-karpathy JSON --images DIR [--karpathy-split test]
+         | --from-shards DIR)
+        [--path-column path --label-column label] [--classnames FILE] [--templates FILE]
+        [--dataset-name NAME] [--samples-per-shard 1000] [--workers N] [--overwrite]
 
 A bad invocation prints one line, `clip-prep: error: ...`, and exits with status 2.
 """
@@ -147,12 +153,43 @@ def add_demo_command(commands) -> None:
     demo.set_defaults(run=run_demo)
 
 
+def _split_name(text: str) -> str:
+    """A split is one folder name under ROOT (test, train, ...), never a path."""
+    if text in ("", ".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"expected a folder name such as 'test', got {text!r}")
+    return text
+
+
+def add_benchmark_set_command(commands) -> None:
+    bench = commands.add_parser("benchmark-set", help="convert a benchmark into CLIP_benchmark's webdataset layout")
+    bench.add_argument("--out", type=Path, required=True, help="dataset ROOT: ROOT/SPLIT/N.tar, classnames.txt, ...")
+    bench.add_argument("--split", type=_split_name, default="test", help="split folder to write under ROOT")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-folder", type=Path, metavar="DIR", help="one sub-folder per class (as ImageFolder)")
+    source.add_argument("--from-csv", type=Path, metavar="FILE", help="CSV of (image path, class index or name)")
+    source.add_argument("--from-karpathy", type=Path, metavar="JSON", help="MSCOCO/Flickr30k Karpathy caption JSON")
+    source.add_argument("--from-shards", type=Path, metavar="DIR",
+                        help="clip-prep shards: classification (with classnames.txt) or retrieval captions")
+    bench.add_argument("--images", type=Path, metavar="DIR", help="--from-karpathy: folder of the images")
+    bench.add_argument("--karpathy-split", default=None, help="--from-karpathy: split to keep (default test)")
+    bench.add_argument("--path-column", default=None, help="--from-csv: column of image paths (default path)")
+    bench.add_argument("--label-column", default=None, help="--from-csv: column of labels (default label)")
+    bench.add_argument("--classnames", type=Path, metavar="FILE", help="class names, one a line, in index order")
+    bench.add_argument("--templates", type=Path, metavar="FILE", help="zero-shot prompts, one a line, each with {c}")
+    bench.add_argument("--dataset-name", default=None, help="take class names and templates of a known benchmark")
+    bench.add_argument("--samples-per-shard", type=_bounded_int(1), default=1000, help="samples per tar")
+    bench.add_argument("--workers", type=_bounded_int(1), default=default_workers(), help="encoding processes")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing ROOT/SPLIT")
+    bench.set_defaults(run=run_benchmark_set)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="clip-prep", description="Turn local media + captions into webdataset shards.")
     parser.add_argument("--version", action="version", version=f"clip-prep {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{shard,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{shard,demo,benchmark-set}")
     add_shard_command(commands)
     add_demo_command(commands)
+    add_benchmark_set_command(commands)
     return parser
 
 
@@ -194,6 +231,48 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_benchmark_flags(args: argparse.Namespace) -> None:
+    """An option that only one kind of source reads is refused with the others, not silently ignored."""
+    only_for = {
+        "--from-karpathy": (("--images", args.images), ("--karpathy-split", args.karpathy_split)),
+        "--from-csv": (("--path-column", args.path_column), ("--label-column", args.label_column)),
+    }
+    given_source = {"--from-karpathy": args.from_karpathy, "--from-csv": args.from_csv}
+    for source, options in only_for.items():
+        for flag, value in options:
+            if value is not None and given_source[source] is None:
+                raise UsageError(f"{flag} is only used with {source}")
+    if args.from_karpathy is not None:
+        if args.images is None:
+            raise UsageError("--from-karpathy needs --images DIR")
+        for flag, value in (("--classnames", args.classnames), ("--templates", args.templates),
+                            ("--dataset-name", args.dataset_name)):
+            if value is not None:
+                raise UsageError(f"{flag} is for classification sets; --from-karpathy writes a retrieval set")
+
+
+def run_benchmark_set(args: argparse.Namespace) -> int:
+    _check_benchmark_flags(args)
+    from data_prep import benchmark_set as bench  # imports webdataset (and torch), only needed here
+
+    meta = bench.ClassMetadata(args.classnames, args.templates, args.dataset_name, root=args.out)
+    destination = bench.Destination(args.out, args.split, args.samples_per_shard, args.overwrite)
+    try:
+        if args.from_folder is not None:
+            dataset = bench.from_folder(args.from_folder, meta, exclude=args.out)
+        elif args.from_shards is not None:
+            dataset = bench.from_shards(args.from_shards, meta)
+        elif args.from_csv is not None:
+            dataset = bench.from_csv(args.from_csv, args.path_column or "path", args.label_column or "label", meta)
+        else:
+            dataset = bench.from_karpathy(args.from_karpathy, args.images, args.karpathy_split or "test")
+        summary = bench.write_benchmark_set(dataset, destination, args.workers)
+    except bench.BenchmarkSetError as error:
+        raise UsageError(str(error)) from None
+    print(summary.one_line())
+    return 0
+
+
 def print_error(message: str) -> None:
     """Exactly one line on stderr, whatever the message contains."""
     print("clip-prep: error: " + " ".join(message.split()), file=sys.stderr)
@@ -210,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(f"internal check failed: {error}")
         return INTERNAL_ERROR
     except KeyboardInterrupt:
-        print("clip-prep: interrupted; the output folder has no manifest.json and is incomplete", file=sys.stderr)
+        print("clip-prep: interrupted; the output is incomplete (no manifest.json; for benchmark-set, no nshards.txt)",
+              file=sys.stderr)
         return 130
 
 

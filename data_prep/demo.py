@@ -1,7 +1,8 @@
 """The embedded demo dataset: scikit-learn's bundled handwritten digits (1,797 real 8x8
 scans, no download) as captioned images, split 80/20 (stratified, seeded).
 
-    DIR/train/      shards of KEY.jpg, KEY.txt (one caption), KEY.json (with "label")
+    DIR/train/      shards of KEY.jpg, KEY.txt (one caption), KEY.cls and KEY.json (with "label");
+                    the class labels make it the linear probe's training split of DIR/test
     DIR/test/       zero-shot set: KEY.jpg, KEY.cls (b"3"), KEY.txt, KEY.json,
                     plus classnames.txt (zero..nine) and templates.txt ("... {c} ...")
     DIR/retrieval/  the same held-out images; KEY.txt holds several captions, one per line
@@ -115,7 +116,7 @@ def write_train(out_dir: Path, images, labels, indices, image_size: int, seed: i
         text = caption(CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))], label)
         encoded = encode_digit(images[digit_index], text, image_size)
         metadata = {"source": f"sklearn.datasets.load_digits[{digit_index}]", **encoded.metadata, "label": label}
-        writer.write(key_index, encoded.members, metadata)
+        writer.write(key_index, {**encoded.members, "cls": str(label).encode("ascii")}, metadata)
     return writer.finish(len(indices), _manifest_fields("train", image_size, seed)).written
 
 
