@@ -121,7 +121,9 @@ class DeepSpeedConfig:
 class EvalConfig:
     zeroshot: str = option("", "zero-shot classification set evaluated during and after training ('' to skip)")
     retrieval: str = option("", "retrieval set evaluated after training ('' to skip)")
-    every: int = option(0, "run the zero-shot eval every N steps (0: only at the end)")
+    suite: str = option("", "a benchmark suite YAML (as clip-eval suite --suite) evaluated during and after "
+                            "training on every rank; results in RUN/suite ('' to skip)")
+    every: int = option(0, "run the zero-shot eval (and eval.suite) every N steps (0: only at the end)")
     batch_size: int = option(256, "eval batch size")
 
 
@@ -167,9 +169,9 @@ class Config:
             (all(w >= 0 for w in self.objective.terms.values()), "objective.terms weights must be >= 0"),
             (not (self.ds.config_file and not Path(self.ds.config_file).is_file()),
              f"ds.config_file not found: {self.ds.config_file}"),
-            (not (self.eval.every and not self.eval.zeroshot),
-             f"eval.every={self.eval.every} evaluates eval.zeroshot, which is not set: "
-             f"set eval.zeroshot to a classification set or eval.every=0"),
+            (not (self.eval.every and not (self.eval.zeroshot or self.eval.suite)),
+             f"eval.every={self.eval.every} evaluates eval.zeroshot and eval.suite, neither of which is set: "
+             f"set eval.zeroshot to a classification set, eval.suite to a suite file, or eval.every=0"),
         ]
         for ok, message in rules:
             if not ok:

@@ -66,14 +66,19 @@ def _check_train_data(cfg: Config) -> None:
 
 
 def _check_eval_sets(cfg: Config) -> None:
-    from .eval.datasets import resolve_classification_set, resolve_retrieval_shards
+    from .eval.datasets import resolve_classification_set, resolve_retrieval_set
     from .eval.loading import EvalError
 
-    for key, resolve in (("zeroshot", resolve_classification_set), ("retrieval", resolve_retrieval_shards)):
+    for key, resolve in (("zeroshot", resolve_classification_set), ("retrieval", resolve_retrieval_set)):
         path = getattr(cfg.eval, key)
         if path:
             with _reported_as(f"eval.{key}={path!r}", EvalError):
                 resolve(path)
+    if cfg.eval.suite:
+        from .eval.suite import plan_training_suite
+
+        with _reported_as(f"eval.suite={cfg.eval.suite!r}", EvalError):
+            plan_training_suite(cfg.eval.suite)
 
 
 def _check_resume(cfg: Config, resume: str | None) -> None:

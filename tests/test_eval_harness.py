@@ -26,20 +26,9 @@ from clip_train.eval import (
     run_training_eval,
     zeroshot_retrieval,
 )
+from benchmark_fixtures import MODEL_CFG, PREPROCESS_CFG
 from clip_train.eval.cli import main
 
-MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-PREPROCESS_CFG = {
-    "size": 32,
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
-    "interpolation": "bicubic",
-    "resize_mode": "shortest",
-}
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
     "purple": (140, 30, 160), "orange": (240, 140, 20), "grey": (128, 128, 128), "cyan": (20, 220, 220),

@@ -72,7 +72,8 @@ def test_a_key_typo_or_bad_value_fails_in_seconds(tmp_path, override, expected):
     ("ds.config_file=/nowhere/ds.json", "ds.config_file not found: /nowhere/ds.json"),
     ("model.name=/nowhere/model.json", "model config file not found: /nowhere/model.json"),
     ("ds.precision=fp16", "ds.precision=fp16: DeepSpeed does not run fp16 on this CPU"),
-    ("eval.zeroshot=", "eval.every=5 evaluates eval.zeroshot, which is not set"),
+    ("eval.zeroshot=", "eval.every=5 evaluates eval.zeroshot and eval.suite, neither of which is set"),
+    ("eval.suite=/nowhere/suite.yaml", "eval.suite='/nowhere/suite.yaml': suite file not found: /nowhere/suite.yaml"),
 ])
 def test_a_wrong_path_or_setting_fails_before_training(demo_dataset, tmp_path, override, named):
     if "fp16" in override and torch.cuda.is_available():
@@ -80,6 +81,15 @@ def test_a_wrong_path_or_setting_fails_before_training(demo_dataset, tmp_path, o
     code, err, model_built = clip_train(*base_args(demo_dataset, tmp_path / "run"), "eval.every=5", override)
     assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
     assert not model_built and not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_an_eval_suite_dataset_is_checked_before_training(demo_dataset, tmp_path):
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(f"dataset_root: {demo_dataset}/{{dataset}}\ndatasets: [test, imagenet2k]\n")
+    code, err, model_built = clip_train(*base_args(demo_dataset, tmp_path / "run"), f"eval.suite={suite_file}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "eval.suite=" in err and "unknown dataset 'imagenet2k'" in err and "imagenet1k" in err
+    assert not model_built and not (tmp_path / "run").exists()
 
 
 def test_a_missing_resume_target_fails_before_training(demo_dataset, tmp_path):

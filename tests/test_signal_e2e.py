@@ -74,6 +74,17 @@ def test_train_export_and_evaluate_a_signal_model(modality, tmp_path):
     assert eval_main(["--model", str(run / "export"), "--dataset", str(retrieval), "--task", "zeroshot_retrieval",
                       "--output", str(out)]) == 0
     assert json.loads(out.read_text())["metrics"]["image_retrieval_recall@10"] == 1.0  # 10 candidates
+    # the suite, with the linear probe (train is the sibling split of test) on the signal features
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(f"dataset_root: {tmp_path}/{{dataset}}\ndatasets:\n"
+                          "  - {name: test, tasks: [zeroshot_classification, linear_probe]}\n"
+                          "  - {name: retrieval, tasks: [zeroshot_retrieval]}\n")
+    assert eval_main(["suite", "--model", str(run), "--suite", str(suite_file), "--output", str(tmp_path / "suite"),
+                      "--device", "cpu", "--no-progress"]) == 0
+    results = {json.loads(p.read_text())["task"]: json.loads(p.read_text())["metrics"]
+               for p in (tmp_path / "suite").glob("*.json")}
+    assert set(results) == {"zeroshot_classification", "linear_probe", "zeroshot_retrieval"}
+    assert 0 <= results["linear_probe"]["lp_acc1"] <= 1 and results["linear_probe"]["lp_acc5"] is None  # 2 classes
 
 
 def test_signal_batches_have_fixed_length_and_the_modality_key(tmp_path):

@@ -15,8 +15,13 @@ from project_paths import DEMO_CONFIG
 
 @pytest.fixture(scope="module")
 def run(demo_dataset, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    assert train_main(train_args(demo_dataset, run_dir, "train.steps=6")) == 0
+    base = tmp_path_factory.mktemp("e2e")
+    suite_file = base / "suite.yaml"  # the demo's zero-shot set, with its probe, and its retrieval set
+    suite_file.write_text(f"dataset_root: {demo_dataset}/{{dataset}}\n"
+                          "datasets:\n  - {name: test, tasks: [zeroshot_classification, linear_probe]}\n"
+                          "  - retrieval\n")
+    run_dir = base / "run"
+    assert train_main(train_args(demo_dataset, run_dir, "train.steps=6", f"eval.suite={suite_file}")) == 0
     return run_dir
 
 
@@ -40,6 +45,22 @@ def test_metrics_log_every_step_and_the_evals(run):
         assert r["loss"] > 0 and r["skipped"] == 0
     evals = [r for r in records if "zeroshot/acc1" in r]
     assert [r["step"] for r in evals] == [3, 6] and "retrieval/image_retrieval_recall@1" in evals[-1]
+
+
+def test_eval_suite_runs_in_training_with_the_same_code(run):
+    """eval.suite at every eval; its zero-shot numbers are eval.zeroshot's (the same code, the same
+    model), and the final evaluation writes its result files and reports to RUN/suite."""
+    evals = [r for r in read_metrics(run) if "zeroshot/acc1" in r]
+    for record in evals:
+        assert record["suite/test/zeroshot_classification/acc1"] == record["zeroshot/acc1"]
+        assert {"suite/test/linear_probe/lp_acc1", "suite/retrieval/zeroshot_retrieval/image_retrieval_recall@5",
+                "suite/average"} <= set(record)
+    results = sorted(p.name for p in (run / "suite").glob("*.json"))
+    assert len(results) == 3 and all(name.endswith(task + ".json") for name, task in
+                                     zip(results, ("zeroshot_retrieval", "linear_probe", "zeroshot_classification")))
+    final = json.loads(next((run / "suite").glob("test_*_zeroshot_classification.json")).read_text())
+    assert final["metrics"]["acc1"] == evals[-1]["zeroshot/acc1"]
+    assert {"results.csv", "results.md", "results.png"} <= {p.name for p in (run / "suite").iterdir()}
 
 
 def test_export_loads_in_open_clip_with_the_trained_weights(run):

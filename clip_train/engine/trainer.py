@@ -323,18 +323,29 @@ class Trainer:
     def evaluate(self, retrieval: bool = True) -> dict:
         """Every rank evaluates its share of the eval sets, in the training precision; results are
         the same on every rank. An eval that fails is logged and the run goes on (a failed
-        collective still ends the run: the ranks could no longer agree on anything)."""
-        if not (self.cfg.eval.zeroshot or (retrieval and self.cfg.eval.retrieval)):
+        collective still ends the run: the ranks could no longer agree on anything). The final
+        evaluation (retrieval=True) also writes eval.suite's results and reports to RUN/suite."""
+        cfg = self.cfg.eval
+        if not (cfg.zeroshot or cfg.suite or (retrieval and cfg.retrieval)):
             return {}
         self.phase = f"evaluation at step {self.step}"
+        signal_dtype = None if self.compute_dtype == torch.float32 else self.compute_dtype
         try:
             with self._full_weights():
-                return run_training_eval(
+                results = run_training_eval(
                     self.model, self.built.eval_transform, self.built.tokenizer,
-                    zeroshot_path=self.cfg.eval.zeroshot or None,
-                    retrieval_path=(self.cfg.eval.retrieval or None) if retrieval else None,
-                    device=self.device, batch_size=self.cfg.eval.batch_size, workers=self.data.workers,
-                    signal_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype)
+                    zeroshot_path=cfg.zeroshot or None,
+                    retrieval_path=(cfg.retrieval or None) if retrieval else None,
+                    device=self.device, batch_size=cfg.batch_size, workers=self.data.workers,
+                    signal_dtype=signal_dtype)
+                if cfg.suite:
+                    from ..eval.suite import run_training_suite
+
+                    results.update(run_training_suite(
+                        self.model, self.built.eval_transform, self.built.tokenizer, cfg.suite, self.device,
+                        cfg.batch_size, self.data.workers, signal_dtype,
+                        out_dir=self.run_dir / "suite" if retrieval else None, model_label=str(self.run_dir)))
+                return results
         except Exception as err:  # noqa: BLE001 - any eval failure; the checkpoint is already written
             if is_collective_failure(err):
                 raise

@@ -32,14 +32,14 @@ def generate_captions(model, tokenizer, images: torch.Tensor, max_tokens: int = 
     return [open_clip.decode(row).replace("<start_of_text>", "").split("<end_of_text>")[0].strip() for row in tokens]
 
 
-def captioning_check(model, preprocess, tokenizer, shards, batch_size: int, workers: int, device,
+def captioning_check(model, preprocess, tokenizer, source, batch_size: int, workers: int, device,
                      num_images: int = 16) -> dict:
     """Captions for the first ``num_images`` images of a retrieval set, with how many match a reference."""
     was_training = model.training
     model.eval()
     samples = []
     try:
-        loader = make_loader(open_retrieval_set(shards, preprocess), min(batch_size, num_images), workers)
+        loader = make_loader(open_retrieval_set(source, preprocess), min(batch_size, num_images), workers)
         for images, references in itertools.islice(loader, -(-num_images // min(batch_size, num_images))):
             generated = generate_captions(model, tokenizer, images.to(device))
             samples += [{"generated": g, "references": r} for g, r in zip(generated, references)]

@@ -1,19 +1,29 @@
-"""`clip-eval`: zero-shot classification or retrieval of a checkpoint, written as JSON.
+"""`clip-eval`: evaluate a model on one dataset, or a whole benchmark suite.
 
-    clip-eval --model RUN_OR_EXPORT_DIR_OR_NAME --dataset DIR --task zeroshot_classification \
-        --output results.json [--pretrained FILE] [--templates FILE] [--batch-size N] \
-        [--workers N] [--device cpu]
+    clip-eval --model RUN_OR_EXPORT_DIR_OR_NAME --dataset ROOT --task TASK --output results.json
+        [--pretrained FILE] [--split test] [--dataset-name NAME] [--templates FILE]
+        [--labels FILE] [--images DIR] [--batch-size 64] [--workers N] [--device auto] [--no-amp]
+        linear_probe: [--train-split train] [--val-split NAME | --val-proportion P] [--fewshot-k -1]
+                      [--lp-epochs 10] [--lp-lr 0.1] [--seed 0] [--feature-cache DIR]
 
+    clip-eval suite --model M [--model M2 ...] [--pretrained FILE ...]
+        (--datasets NAME[,NAME...] --dataset-root TEMPLATE | --suite FILE.yaml)
+        --output DIR [--tasks TASK[,TASK...]] [the options above] [--no-progress]
+
+TASK: zeroshot_classification, zeroshot_retrieval, zeroshot_multilabel, linear_probe, captioning.
+ROOT is recognised from its contents: a CLIP_benchmark-layout root (ROOT/{split}/nshards.txt), a
+clip-prep shard folder, a class-folder tree, a flat image folder with --labels, or a Karpathy JSON.
+Under torchrun or the deepspeed launcher every rank scores its share and rank 0 writes the files.
 A bad invocation exits with status 2 and one line on stderr, `clip-eval: error: ...`.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
-from clip_train.eval import EVAL_TASKS, EvalError, evaluate
+from clip_train.eval import DatasetRequest, EVAL_TASKS, EvalError, evaluate, resolve_device
 
 PROG = "clip-eval"
 
@@ -29,66 +39,199 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=PROG, description="Zero-shot evaluation with CLIP_benchmark's metric definitions.")
-    parser.add_argument("--model", required=True, help="run directory, export directory, or open_clip model name")
-    parser.add_argument("--dataset", required=True, help="shard directory (or image folder for classification)")
-    parser.add_argument("--task", required=True, choices=EVAL_TASKS.names())
-    parser.add_argument("--output", required=True, help="where to write the results JSON")
-    parser.add_argument("--pretrained", default=None, help="local weights file for an open_clip model name")
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", action="append", default=None,
+                        help="local weights file for an open_clip model name (once per --model in a suite)")
+    parser.add_argument("--split", default="test", help="the split to evaluate (CLIP_benchmark layout, Karpathy JSON)")
     parser.add_argument("--templates", default=None, help="prompt templates file, one per line with {c}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                        help="no autocast on CUDA (the CPU always runs in full precision)")
+    probe = parser.add_argument_group("linear probe")
+    probe.add_argument("--train-split", default="train", help="the probe's training split, from the same root")
+    probe.add_argument("--val-split", default=None, help="a validation split for the weight-decay sweep")
+    probe.add_argument("--val-proportion", type=float, default=None,
+                       help="else hold out this share of train for the sweep (without either: weight decay 0)")
+    probe.add_argument("--fewshot-k", type=int, default=-1, help="samples per class (-1: all)")
+    probe.add_argument("--lp-epochs", type=int, default=10)
+    probe.add_argument("--lp-lr", type=float, default=0.1)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--feature-cache", default=None, help="folder to keep the probe's features in, for reuse")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=PROG, description="Evaluate a model with CLIP_benchmark's metric definitions.")
+    parser.add_argument("--model", required=True, help="run directory, export directory, or open_clip model name")
+    parser.add_argument("--dataset", required=True, help="dataset root (see the module docstring for layouts)")
+    parser.add_argument("--task", required=True, choices=EVAL_TASKS.names())
+    parser.add_argument("--output", required=True, help="where to write the results JSON")
+    parser.add_argument("--dataset-name", default=None,
+                        help="a known dataset (imagenet1k, cifar10, ...): its shipped class names and prompts")
+    parser.add_argument("--labels", default=None, help="labels file of a flat image folder (ImageNet val)")
+    parser.add_argument("--images", default=None, help="image folder of a Karpathy JSON (default: its folder)")
+    _add_data_options(parser)
     return parser
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def build_suite_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=f"{PROG} suite", description="Evaluate models on a benchmark suite.")
+    parser.add_argument("--model", action="append", required=True,
+                        help="a model (run dir, export dir, open_clip name, or NAME,WEIGHTS); repeat for several")
+    parser.add_argument("--datasets", default=None, help="comma-separated dataset names")
+    parser.add_argument("--dataset-root", default=None, help="root template with {dataset} or {dataset_cleaned}")
+    parser.add_argument("--suite", default=None, help="a suite YAML naming datasets (and tasks, roots)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks to run where they apply")
+    parser.add_argument("--output", required=True, help="folder for the result JSONs, results.csv/.md/.png")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_data_options(parser)
+    return parser
+
+
+def _check_common(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if args.workers < 0:
         raise UsageError("--workers must be 0 or more")
-    if not Path(args.dataset).exists():
-        raise UsageError(f"dataset not found: {args.dataset}")
+    if args.lp_epochs < 1:
+        raise UsageError("--lp-epochs must be at least 1")
+    if args.fewshot_k == 0 or args.fewshot_k < -1:
+        raise UsageError("--fewshot-k must be -1 (all samples) or at least 1")
+    if args.val_split is not None and args.val_proportion is not None:
+        raise UsageError("--val-split and --val-proportion are mutually exclusive")
 
 
 def format_metrics(result: dict) -> str:
     """One readable line: task, dataset, then name=value for each metric ('n/a' if undefined)."""
     values = " ".join(
-        f"{name}={'n/a' if value is None else format(value, '.4f')}" for name, value in result["metrics"].items()
+        f"{name}={'n/a' if value is None else format(value, '.4f') if isinstance(value, float) else value}"
+        for name, value in result["metrics"].items()
     )
     return f"{result['task']} on {result['dataset']}: {values}"
 
 
+def _task_options(args: argparse.Namespace) -> dict:
+    from clip_train.eval.probing import ProbeOptions
+
+    probe = ProbeOptions(fewshot_k=args.fewshot_k, lr=args.lp_lr, epochs=args.lp_epochs, batch_size=args.batch_size,
+                         seed=args.seed, val_proportion=args.val_proportion)
+    options = {"probe": probe}
+    if args.feature_cache is not None:
+        options["feature_cache"] = Path(args.feature_cache)
+    return options
+
+
+def _start_process_group() -> None:
+    """Join the process group that torchrun / the deepspeed launcher describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dist.init_process_group(backend)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from clip_train.eval.suite import write_json_atomically
+
+    write_json_atomically(path, result)
+
+
+def run_single(argv) -> int:
+    args = build_parser().parse_args(argv)
+    _check_common(args)
+    if not Path(args.dataset).exists():
+        raise UsageError(f"dataset not found: {args.dataset}")
+    if args.pretrained and len(args.pretrained) > 1:
+        raise UsageError("--pretrained is given once for a single model")
+    request = DatasetRequest(
+        Path(args.dataset), split=args.split, name=args.dataset_name,
+        templates=None if args.templates is None else Path(args.templates),
+        labels=None if args.labels is None else Path(args.labels),
+        images=None if args.images is None else Path(args.images),
+        train_split=args.train_split, val_split=args.val_split)
+    if args.dataset_name is not None:
+        from clip_train.eval.known_datasets import classification_metadata, default_task
+
+        if default_task(args.dataset_name) != "zeroshot_retrieval":
+            classification_metadata(args.dataset_name)  # an unknown name fails here, listing the known ones
+    _start_process_group()
+    result = evaluate(args.model, request, args.task, pretrained=(args.pretrained or [None])[0],
+                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+                      **(_task_options(args) if args.task == "linear_probe" else {}))
+    if _is_main_rank():
+        _write_json(Path(args.output), result)
+        print(format_metrics(result))
+    return 0
+
+
+def _suite_models(args) -> list:
+    from clip_train.eval.suite import parse_model
+
+    pretrained = args.pretrained or []
+    if pretrained and len(pretrained) != len(args.model):
+        raise UsageError(f"--pretrained is given {len(pretrained)} times for {len(args.model)} --model: "
+                         f"give it once per model, or use --model NAME,WEIGHTS")
+    return [parse_model(m, p) for m, p in zip(args.model, pretrained or [None] * len(args.model))]
+
+
+def _first_table(markdown: str) -> str:
+    """The first table of the suite's markdown report (the main metric per dataset and model)."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def run_suite_command(argv) -> int:
+    from clip_train.eval import report, suite
+
+    args = build_suite_parser().parse_args(argv)
+    _check_common(args)
+    entries, settings = ([], {}) if args.suite is None else suite.read_suite_file(Path(args.suite))
+    if args.datasets:
+        entries += [suite.SuiteDataset(name.strip()) for name in args.datasets.split(",") if name.strip()]
+    if not entries:
+        raise UsageError("name the datasets with --datasets or --suite")
+    template = args.dataset_root or settings.get("dataset_root")
+    tasks = args.tasks.split(",") if args.tasks else settings.get("tasks")
+    jobs = suite.plan_suite(_suite_models(args), entries, template, tasks, split=args.split,
+                            train_split=args.train_split, val_split=args.val_split)
+    _start_process_group()
+    device = resolve_device(args.device)
+    amp = device.startswith("cuda") if args.amp is None else args.amp
+    out_dir = Path(args.output)
+    suite.run_suite(jobs, out_dir, batch_size=args.batch_size, workers=args.workers, device=device, amp=amp,
+                    options=_task_options(args), progress=args.progress)
+    if _is_main_rank():
+        written = report.write_reports(out_dir)
+        print(_first_table(Path(written["md"]).read_text(encoding="utf-8")))
+        print(f"results: {', '.join(str(p) for p in written.values())}")
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-        _check_arguments(args)
         try:
-            result = evaluate(
-                args.model,
-                args.dataset,
-                args.task,
-                pretrained=args.pretrained,
-                templates=args.templates,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                device=args.device,
-            )
+            if argv[:1] == ["suite"]:
+                return run_suite_command(argv[1:])
+            return run_single(argv)
         except EvalError as exc:
             raise UsageError(str(exc)) from None
-        _write_json(Path(args.output), result)
     except UsageError as exc:
         one_line = " ".join(str(exc).split())  # messages quoting other errors may hold newlines
         print(f"{PROG}: error: {one_line}", file=sys.stderr)
         return 2
-    print(format_metrics(result))
-    return 0
 
 
 if __name__ == "__main__":

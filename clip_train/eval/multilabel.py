@@ -1,24 +1,38 @@
-"""Zero-shot multi-label classification (ECG diagnoses, as MERL reports it): macro AUROC over
-classes and the macro F1 at each class's best threshold.
+"""Zero-shot multi-label classification: CLIP_benchmark's mean average precision (VOC2007
+multilabel), and, as MERL reports ECG diagnoses, macro AUROC over classes and the macro F1 at each
+class's best threshold.
 
-Targets come from a sample's ``KEY.json`` ``"labels"`` (a list of class indices) when present,
-else from its single ``KEY.cls``. Scores are the zero-shot logits ``100 · f · W`` of
+Targets come from a sample's ``KEY.npy`` multi-hot vector in a CLIP_benchmark multilabel set,
+else its ``KEY.json`` ``"labels"`` (a list of class indices) when present, else its single ``KEY.cls``. Scores are the zero-shot logits ``100 · f · W`` of
 :func:`zeroshot.zeroshot_classifier`, so the classifier is the same as for single-label sets.
 """
 from __future__ import annotations
 
 import functools
+import io
 import json
 
+import numpy as np
 import torch
 
-from .datasets import MEDIA_EXTENSIONS, _shard_pipeline, decode_class_index, decode_media, map_examples
+from .datasets import _shard_pipeline, decode_class_index, decode_media, map_examples
 from .loading import EvalError
 from .metrics import topk_accuracy
 from .zeroshot import classify, zeroshot_classifier
 
 
-def _multilabel_example(sample: dict, transform, num_classes: int):
+def _multi_hot_vector(sample: dict, num_classes: int) -> torch.Tensor:
+    vector = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    if vector.shape != (num_classes,):
+        raise EvalError(f"sample {sample.get('__key__')}: .npy target of shape {vector.shape}, expected "
+                        f"({num_classes},) for {num_classes} class names")
+    return torch.from_numpy(vector.astype(np.float32))
+
+
+def _multilabel_example(sample: dict, transform, num_classes: int, label_member: str = "cls"):
+    if label_member == "npy":
+        return transform(decode_media({k: v for k, v in sample.items() if k != "npy"})), _multi_hot_vector(
+            sample, num_classes)
     labels = json.loads(sample["json"]).get("labels") if "json" in sample else None
     if labels is None:
         labels = [decode_class_index(sample)]
@@ -32,10 +46,11 @@ def _multilabel_example(sample: dict, transform, num_classes: int):
 def open_multilabel_set(source, transform, share=None):
     """Dataset yielding (signal tensor, multi-hot target (C,)), led by the global index with a share."""
     if not source.shards:
-        raise EvalError("zeroshot_multilabel reads clip-prep shards (KEY.json labels or KEY.cls), not a folder")
-    return map_examples(_shard_pipeline(source.shards, MEDIA_EXTENSIONS + ("cls", "json"), share),
-                        functools.partial(_multilabel_example, transform=transform, num_classes=len(source.classnames)),
-                        share)
+        raise EvalError("zeroshot_multilabel reads shards (KEY.npy, KEY.json labels or KEY.cls), not a folder")
+    members = source.media + (source.label_member, "json")
+    return map_examples(_shard_pipeline(source.shards, members, share),
+                        functools.partial(_multilabel_example, transform=transform, num_classes=len(source.classnames),
+                                          label_member=source.label_member), share)
 
 
 def best_threshold_f1(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -52,8 +67,22 @@ def best_threshold_f1(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return float(f1[cut].max()) if positives > 0 else 0.0
 
 
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """CLIP_benchmark's multilabel metric: per class, the mean of the precision at the rank of each
+    positive (scores sorted descending; ties in sort order), averaged over ALL classes (a class
+    without positives counts 0)."""
+    ranks = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64)
+    per_class = []
+    for c in range(scores.shape[1]):
+        truth = targets[torch.sort(scores[:, c], descending=True).indices, c].double()
+        precision = truth.cumsum(0) / ranks
+        per_class.append(precision[truth.bool()].sum() / max(float(truth.sum()), 1.0))
+    return float(torch.stack(per_class).mean())
+
+
 def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Macro AUROC and macro best-threshold F1 over the classes that have positives and negatives."""
+    """mean_average_precision (CLIP_benchmark's), and macro AUROC and macro best-threshold F1 over
+    the classes that have positives and negatives."""
     scored = [c for c in range(targets.shape[1]) if 0 < targets[:, c].sum() < len(targets)]
     if not scored:
         raise EvalError("no class has both positive and negative samples: AUROC is undefined")
@@ -61,14 +90,15 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
 
     aurocs = [roc_auc_score(targets[:, c].numpy(), scores[:, c].numpy()) for c in scored]
     f1s = [best_threshold_f1(scores[:, c], targets[:, c]) for c in scored]
-    result = {"macro_auroc": sum(aurocs) / len(aurocs), "macro_f1": sum(f1s) / len(f1s),
-              "classes_scored": len(scored)}
+    result = {"mean_average_precision": mean_average_precision(scores, targets),
+              "macro_auroc": sum(aurocs) / len(aurocs), "macro_f1": sum(f1s) / len(f1s), "classes_scored": len(scored)}
     if bool((targets.sum(1) == 1).all()):  # single-label set: accuracy is defined too
         result["acc1"] = topk_accuracy(scores, targets.argmax(1), 1)
     return result
 
 
-def zeroshot_multilabel(model, tokenizer, dataloader, classnames, templates, device, signal_dtype=None) -> dict:
-    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device)
-    scores, targets = classify(model, classifier, dataloader, device, signal_dtype=signal_dtype)
+def zeroshot_multilabel(model, tokenizer, dataloader, classnames, templates, device, signal_dtype=None,
+                        amp=False) -> dict:
+    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, amp=amp)
+    scores, targets = classify(model, classifier, dataloader, device, amp=amp, signal_dtype=signal_dtype)
     return multilabel_metrics(scores.float(), targets.float())

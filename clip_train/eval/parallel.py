@@ -41,16 +41,16 @@ def _in_file_order(index: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tenso
 
 
 def _score_share(opener: Callable, model, preprocess, tokenizer, source, batch_size, workers, device, signal_dtype,
-                 share: Share):
+                 share: Share, amp: bool = False):
     """(global indices, logits, targets) of this rank's samples; all None for an empty share.
 
     The classifier is computed whole on every rank rather than sharded by class: it is small (one
     text pass per class) and every rank needs all of it to score its own images.
     """
-    classifier = zeroshot_classifier(model, tokenizer, source.classnames, source.templates, device)
+    classifier = zeroshot_classifier(model, tokenizer, source.classnames, source.templates, device, amp=amp)
     sink: list[torch.Tensor] = []
     loader = _indexed_loader(opener(source, preprocess, share), batch_size, workers, sink)
-    scored = score_batches(model, classifier, loader, device, signal_dtype=signal_dtype)
+    scored = score_batches(model, classifier, loader, device, amp=amp, signal_dtype=signal_dtype)
     logits, targets = scored if scored is not None else (None, None)
     return cat_or_none(sink), logits, targets
 
@@ -71,18 +71,19 @@ def _multilabel_metrics(source, index, scores, targets) -> dict:
 # --- retrieval --------------------------------------------------------------------------------------
 
 
-def _embed_share(model, preprocess, tokenizer, shards, batch_size, workers, device, signal_dtype, share: Share):
+def _embed_share(model, preprocess, tokenizer, source, batch_size, workers, device, signal_dtype, share: Share,
+                 amp: bool = False):
     """(global image indices, image embeddings, global image index of each caption, caption
     embeddings) of this rank's samples; None where it has none."""
     sink: list[torch.Tensor] = []
-    loader = _indexed_loader(open_retrieval_set(shards, preprocess, share), batch_size, workers, sink)
-    images, texts, text_to_image = embed_batches(model, tokenizer, loader, device, signal_dtype=signal_dtype)
+    loader = _indexed_loader(open_retrieval_set(source, preprocess, share), batch_size, workers, sink)
+    images, texts, text_to_image = embed_batches(model, tokenizer, loader, device, amp=amp, signal_dtype=signal_dtype)
     image_index = cat_or_none(sink)
     text_image_index = None if texts is None else image_index[text_to_image]
     return image_index, images, text_image_index, texts
 
 
-def _retrieval_metrics(shards, image_index, images, text_image_index, texts) -> dict:
+def _retrieval_metrics(source, image_index, images, text_image_index, texts) -> dict:
     """Images in file order; captions grouped by image in that order, each image's captions in
     their own order (a stable sort: they arrive contiguous and in order from the one rank that
     read the image) — exactly a single-process run's layout."""
@@ -101,16 +102,12 @@ SHARDED_TASKS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def evaluate_sharded(task: str, resolve: Callable, model, preprocess, tokenizer, path, batch_size: int, workers: int,
-                     device, signal_dtype, share: Share) -> dict:
-    """`task` on the data at `path`, this rank scoring its share; called by every rank, returns
-    the same metrics on every rank. A failure on any rank (bad path, bad sample) raises on all."""
+def evaluate_sharded(task: str, resolved, model, preprocess, tokenizer, batch_size: int, workers: int, device,
+                     signal_dtype, share: Share, amp: bool = False) -> dict:
+    """`task` on already-resolved data, this rank scoring its share; called by every rank, returns
+    the same metrics on every rank. A failure on any rank (a bad sample) raises on all."""
     score, compute = SHARDED_TASKS[task]
-
-    def score_this_share():
-        resolved = resolve(path, None)
-        return resolved, score(model, preprocess, tokenizer, resolved, batch_size, workers, device, signal_dtype, share)
-
-    resolved, parts = run_collectively(score_this_share)
+    parts = run_collectively(lambda: score(model, preprocess, tokenizer, resolved, batch_size, workers, device,
+                                           signal_dtype, share, amp))
     gathered = [gather_rows(part) for part in parts]  # the same collectives, in the same order, on every rank
     return computed_on_main(lambda: compute(resolved, *gathered))

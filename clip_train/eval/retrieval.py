@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_train.eval import metrics
+from clip_train.eval.datasets import batches
 from clip_train.eval.loading import EvalError
 from clip_train.eval.zeroshot import autocast_context, encode_signal
 
@@ -18,7 +19,7 @@ def embed_batches(model, tokenizer, dataloader: Iterable, device, amp=False, sig
     image in the loader's order (T,). The loader yields (images, list of caption lists)."""
     image_chunks, text_chunks, text_to_image = [], [], []
     images_seen = 0
-    for images, caption_lists in dataloader:
+    for images, caption_lists in batches(dataloader):
         captions = [caption for captions in caption_lists for caption in captions]
         text_to_image += [images_seen + i for i, captions in enumerate(caption_lists) for _ in captions]
         images_seen += len(caption_lists)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from clip_train.eval import metrics
+from clip_train.eval.datasets import batches
 from clip_train.eval.loading import EvalError
 
 
@@ -50,7 +51,7 @@ def score_batches(model, classifier: torch.Tensor, dataloader: Iterable, device,
     """(logits (N, C), targets) on the CPU for every sample of the loader, or None when it yields
     nothing (in a multi-rank evaluation a rank's share may be empty)."""
     all_logits, all_targets = [], []
-    for images, targets in dataloader:
+    for images, targets in batches(dataloader):
         with autocast_context(device, amp):
             image_features = encode_signal(model, images, device, signal_dtype)
         all_logits.append(metrics.classification_logits(image_features, classifier).cpu())
