@@ -168,3 +168,11 @@ def test_a_two_rank_suite_writes_the_single_process_results(tmp_path, sets, mode
     for name in names:
         ours, theirs = (json.loads((d / name).read_text())["metrics"] for d in (double, single))
         assert ours == pytest.approx(theirs, abs=1e-6), name
+
+
+def test_models_in_same_named_folders_get_distinct_result_files(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / run / "export").mkdir(parents=True)
+    models = suite.with_slugs([suite.SuiteModel(str(tmp_path / run / "export")) for run in ("a", "b")]
+                              + [suite.SuiteModel("ViT-B-32")])
+    assert [m.slug for m in models] == ["a_export", "b_export", "ViT-B-32"]

@@ -10,6 +10,7 @@ CSV, markdown table and plot (`report`) are written from all the result files at
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,23 @@ LANGUAGE = "en"
 class SuiteModel:
     spec: str  # run dir, export dir, or open_clip name
     pretrained: str | None = None  # local weights for an open_clip name
+    slug: str = ""  # its part of the result file names; set by plan_suite (unique in the suite)
+
+
+def _path_tail(spec: str, depth: int) -> str:
+    parts = Path(spec).parts
+    return "_".join(parts[-depth:]) if Path(spec).exists() else spec.replace("/", "_")
+
+
+def with_slugs(models: list[SuiteModel]) -> list[SuiteModel]:
+    """Each model with a file-name slug: a directory by its last folder name, with as many parent
+    folders as it takes to tell the suite's models apart (runs/a/export vs runs/b/export)."""
+    for depth in range(1, 1 + max(len(Path(m.spec).parts) for m in models)):
+        slugs = [_path_tail(m.spec, depth) for m in models]
+        keys = list(zip(slugs, [m.pretrained for m in models]))
+        if len(set(keys)) == len(keys):
+            break
+    return [dataclasses.replace(m, slug=slug) for m, slug in zip(models, slugs)]
 
 
 @dataclass(frozen=True)
@@ -172,7 +190,8 @@ def plan_suite(models: list[SuiteModel], datasets: list[SuiteDataset], root_temp
         for task in entry_tasks:
             resolve_collectively(EVAL_TASKS.get(task), request)  # fail now, not after the first model
             jobs_per_dataset.append((entry.name, task, request))
-    return [SuiteJob(model, name, task, request) for model in models for name, task, request in jobs_per_dataset]
+    return [SuiteJob(model, name, task, request) for model in with_slugs(models)
+            for name, task, request in jobs_per_dataset]
 
 
 def _slug(text: str) -> str:
@@ -181,10 +200,11 @@ def _slug(text: str) -> str:
 
 def result_path(out_dir: Path, job: SuiteJob) -> Path:
     """CLIP_benchmark's default --output, `{dataset}_{pretrained}_{model}_{language}_{task}.json`,
-    with its slugs: `/` -> `_` in the dataset, a weights file by its base name."""
+    with its slugs: `/` -> `_` in the dataset, a weights file by its base name, a model directory
+    by its `slug`."""
     pretrained = job.model.pretrained
     pretrained_slug = os.path.basename(pretrained) if pretrained and os.path.isfile(pretrained) else str(pretrained)
-    model = _slug(Path(job.model.spec).name if Path(job.model.spec).exists() else job.model.spec)
+    model = job.model.slug or _path_tail(job.model.spec, 1)
     return out_dir / f"{_slug(job.dataset)}_{_slug(pretrained_slug)}_{model}_{LANGUAGE}_{job.task}.json"
 
 
