@@ -328,3 +328,15 @@ def test_class_folders_of_a_known_dataset_take_its_names_in_folder_order(tmp_pat
     (tmp_path / "numbered" / "zebra").mkdir()
     with pytest.raises(Exception, match="'zebra' .* is none of cifar10's classes"):
         resolve_classification_set(DatasetRequest(tmp_path / "numbered", name="cifar10"))
+
+
+def test_linear_probe_holds_out_a_validation_share_when_asked(tmp_path, model_dir, digits_root):
+    from clip_train.eval.linear_probe import WEIGHT_DECAYS
+
+    args = ["--model", str(model_dir), "--dataset", str(digits_root), "--task", "linear_probe",
+            "--val-proportion", "0.25", "--lp-epochs", "3", "--lp-lr", "0.05", "--feature-cache", str(tmp_path / "c")]
+    first, again = run_cli(tmp_path, *args), run_cli(tmp_path, *args)
+    assert first["metrics"] == again["metrics"]  # the held-out share is seeded
+    assert first["metrics"]["epochs"] == 3 and first["metrics"]["weight_decay"] in WEIGHT_DECAYS
+    no_val = run_cli(tmp_path, *args[:6], "--lp-epochs", "3", "--lp-lr", "0.05")
+    assert no_val["metrics"]["weight_decay"] == 0 and no_val["metrics"] != first["metrics"]
