@@ -59,10 +59,13 @@ def _check_files(cfg: Config) -> None:
 
 
 def _check_train_data(cfg: Config) -> None:
-    from .data.shards import DataError, expand_weighted_shards
+    from .data.shards import DataError, expand_weighted_shards, first_unsized, unsized_error
 
     with _reported_as(f"data.train={cfg.data.train!r}", DataError):
-        expand_weighted_shards(cfg.data.train, cfg.data.train_weights)
+        urls, _ = expand_weighted_shards(cfg.data.train, cfg.data.train_weights)
+        unsized = None if cfg.data.train_num_samples else first_unsized(urls)
+        if unsized is not None:  # an epoch's length is needed before anything heavy is set up
+            raise unsized_error(unsized)
 
 
 def _check_eval_sets(cfg: Config) -> None:

@@ -134,3 +134,39 @@ def test_checkpoints_on_node_local_disks_are_refused_at_startup(demo_dataset, tm
 ])
 def test_a_failure_is_named_for_what_it_is(error, expected):
     assert describe_failure(error, 3, "train step 7").startswith(expected)
+
+
+def _img2dataset_copy(demo_dataset, target, with_stats):
+    """The demo's train shards as img2dataset leaves them: no sizes.json; with_stats: a
+    NAME_stats.json per shard with img2dataset's fields (`successes` = samples written)."""
+    import json
+    import shutil
+
+    target.mkdir()
+    sizes = json.loads((demo_dataset / "train" / "sizes.json").read_text())
+    for name, count in sizes.items():
+        shutil.copy(demo_dataset / "train" / name, target / name)
+        if with_stats:
+            stem = name.removesuffix(".tar")
+            (target / f"{stem}_stats.json").write_text(json.dumps({
+                "count": count + 3, "successes": count, "failed_to_download": 3, "failed_to_resize": 0,
+                "duration": 1.5, "start_time": 0.0, "end_time": 1.5, "status_dict": {"success": count}}))
+    return target, sum(sizes.values())
+
+
+def test_img2dataset_output_is_sized_from_its_stats_files(demo_dataset, tmp_path):
+    from clip_train.data.shards import count_samples, expand_shards
+
+    shards, total = _img2dataset_copy(demo_dataset, tmp_path / "i2d", with_stats=True)
+    assert count_samples(expand_shards(str(shards))) == total  # `successes`, not `count` (which counts failures)
+    code, err, _ = clip_train(*base_args(demo_dataset, tmp_path / "run"), f"data.train={shards}", "train.steps=1",
+                              "eval.zeroshot=", "eval.retrieval=", "data.batch_size=16", probe=WITH_TORCH_PROBE)
+    assert code == 0, err
+
+
+def test_shards_of_unknown_size_fail_before_training(demo_dataset, tmp_path):
+    shards, _ = _img2dataset_copy(demo_dataset, tmp_path / "i2d", with_stats=False)
+    code, err, model_built = clip_train(*base_args(demo_dataset, tmp_path / "run"), f"data.train={shards}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "00000.tar has no entry in a sizes.json beside it and no _stats.json" in err, err
+    assert not model_built

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 
-from .shards import DataError, count_samples, expand_weighted_shards
+from .shards import DataError, count_samples, expand_weighted_shards, first_unsized, unsized_error
 from .modalities import MODALITIES, Modality
 from .stream import POSITION, SEED, StreamPlan, current_role, role_stream, seeded_call
 from .text_views import two_text_views
@@ -203,7 +203,7 @@ def build_train_data(cfg, transform: Callable, tokenizer: Callable, *, seed: int
     urls, weights = expand_weighted_shards(cfg.train, cfg.train_weights)
     num_samples = cfg.train_num_samples or count_samples(urls)
     if not num_samples:
-        raise DataError("cannot tell the dataset size: no sizes.json next to the shards; set data.train_num_samples")
+        raise unsized_error(first_unsized(urls))
     batches = num_samples // (cfg.batch_size * world_size)
     if batches == 0:
         raise DataError(f"{num_samples} samples give no full batch of {cfg.batch_size} x {world_size} ranks: "

@@ -62,18 +62,47 @@ def expand_weighted_shards(spec: str, weights_text: str) -> tuple[list[str], lis
     return urls, per_shard
 
 
+def _stats_size(shard: Path) -> int | None:
+    """The sample count in a shard's ``NAME_stats.json``: img2dataset's ``successes`` (the samples
+    it wrote), or clip-prep's ``count``; None without such a file."""
+    stats_file = shard.with_name(f"{shard.stem}_stats.json")
+    if not stats_file.is_file():
+        return None
+    stats = json.loads(stats_file.read_text())
+    value = stats.get("successes", stats.get("count"))
+    return None if value is None else int(value)
+
+
+def shard_size(shard: Path, sizes_cache: dict[Path, dict]) -> int | None:
+    """A local shard's sample count: its entry in ``sizes.json`` beside it (the file open_clip
+    reads), else its ``_stats.json`` (img2dataset's output has no sizes.json); None if neither."""
+    sizes_file = shard.parent / "sizes.json"
+    if sizes_file.is_file():
+        if sizes_file not in sizes_cache:
+            sizes_cache[sizes_file] = json.loads(sizes_file.read_text())
+        if shard.name in sizes_cache[sizes_file]:
+            return int(sizes_cache[sizes_file][shard.name])
+    return _stats_size(shard)
+
+
+def first_unsized(urls: list[str]) -> str | None:
+    """The first shard whose size neither sizes.json nor a _stats.json gives; None if all are known."""
+    sizes_cache: dict[Path, dict] = {}
+    return next((url for url in urls if shard_size(Path(url), sizes_cache) is None), None)
+
+
+def unsized_error(url: str) -> DataError:
+    return DataError(f"cannot tell the dataset size: {url} has no entry in a sizes.json beside it and no "
+                     f"_stats.json; set data.train_num_samples")
+
+
 def count_samples(urls: list[str]) -> int | None:
-    """Sum the counts from each local shard's ``sizes.json`` (the file open_clip reads); None if unknown."""
+    """The shards' total sample count (see shard_size); None if any shard's size is unknown."""
     sizes_cache: dict[Path, dict] = {}
     total = 0
     for url in urls:
-        path = Path(url)
-        sizes_file = path.parent / "sizes.json"
-        if not sizes_file.is_file():
+        size = shard_size(Path(url), sizes_cache)
+        if size is None:
             return None
-        if sizes_file not in sizes_cache:
-            sizes_cache[sizes_file] = json.loads(sizes_file.read_text())
-        if path.name not in sizes_cache[sizes_file]:
-            return None
-        total += int(sizes_cache[sizes_file][path.name])
+        total += size
     return total
