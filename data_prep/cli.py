@@ -2,7 +2,9 @@
 benchmark into CLIP_benchmark's webdataset layout.
 
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
-        [--caption-column caption] [--samples-per-shard 10000] [--workers N] [--overwrite]
+        [--caption-column caption] [--save-additional-columns a,b] [--samples-per-shard 10000]
+        [--workers N] [--overwrite]
+      INPUT: a folder, a .csv/.tsv/.jsonl (each optionally .gz) or a .parquet table
       image: [--image-size 256] [--resize-mode keep_ratio|center_crop|border]
              [--max-pixels N] [--jpeg-quality 95]
       audio: [--sample-rate 48000] [--max-duration SECONDS]
@@ -75,6 +77,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _column_list(text: str) -> tuple[str, ...]:
+    columns = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not columns:
+        raise argparse.ArgumentTypeError("expected comma-separated column names")
+    return columns
+
+
 def _lead_list(text: str) -> tuple[str, ...]:
     """Comma-separated lead names: none empty, no duplicates (case-insensitive)."""
     names = tuple(name.strip() for name in text.split(","))
@@ -92,12 +101,15 @@ def default_workers() -> int:
 
 
 def add_shard_command(commands) -> None:
-    shard = commands.add_parser("shard", help="write webdataset shards from a folder, CSV/TSV or JSONL")
-    shard.add_argument("input", type=Path, metavar="INPUT", help="folder with STEM.txt captions, or .csv/.tsv/.jsonl")
+    shard = commands.add_parser("shard", help="write webdataset shards from a folder, CSV/TSV, JSONL or Parquet")
+    shard.add_argument("input", type=Path, metavar="INPUT",
+                       help="folder with STEM.txt captions, or .csv/.tsv/.jsonl (optionally .gz) or .parquet")
     shard.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest")
     shard.add_argument("--modality", default="image", help=f"kind of media (valid: {', '.join(MODALITIES.names())})")
     shard.add_argument("--path-column", default="filepath", help="table/JSONL column holding media paths")
     shard.add_argument("--caption-column", default="caption", help="table/JSONL column holding captions")
+    shard.add_argument("--save-additional-columns", type=_column_list, default=(), metavar="A,B",
+                       help="table columns copied into each sample's KEY.json under their own names")
     shard.add_argument("--image-size", type=_bounded_int(1, 16384), default=256, help="target size in pixels")
     shard.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
                        help="keep_ratio: smaller side = size; center_crop: square crop; border: pad to a white square")
@@ -205,8 +217,10 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UsageError(f"--modality: {error.args[0]}") from None
     if args.input.is_dir() and args.out.resolve() == args.input.resolve():
         raise UsageError("--out must not be the INPUT folder itself")
+    if args.input.is_dir() and args.save_additional_columns:
+        raise UsageError("--save-additional-columns reads table columns; INPUT is a folder")
     spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out,
-                      record_suffixes=modality.record_suffixes)
+                      record_suffixes=modality.record_suffixes, additional_columns=args.save_additional_columns)
     kind, items = open_source(spec)  # validates INPUT and columns before touching --out
     prepare_output_dir(args.out, args.overwrite)
     writer = DatasetWriter(args.out, args.samples_per_shard)

@@ -88,5 +88,5 @@ def run_pipeline(
         if isinstance(result, Rejection):
             writer.reject(item.index, item.source, result)
         else:
-            writer.write(item.index, result.members, {"source": item.source, **result.metadata})
+            writer.write(item.index, result.members, {"source": item.source, **result.metadata, **(item.extra or {})})
     return writer.finish(counter.count, manifest_fields)

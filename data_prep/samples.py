@@ -49,6 +49,7 @@ class SourceItem:
     path: Path | None
     caption: str | None
     rejection: Rejection | None = None
+    extra: dict | None = None  # --save-additional-columns: column name -> value, kept in KEY.json
 
 
 MediaInput = Union[bytes, str, Path]

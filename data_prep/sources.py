@@ -1,4 +1,5 @@
-"""Input sources for `clip-prep shard`: a folder with sidecar captions, a CSV/TSV, or a JSONL.
+"""Input sources for `clip-prep shard`: a folder with sidecar captions, a CSV/TSV or JSONL (each
+optionally gzipped), or a Parquet table.
 
 Each source validates what it can up front (columns, file type) and raises `SourceError`
 with one clear sentence; then it yields `SourceItem`s lazily, in a deterministic order, so
@@ -7,6 +8,7 @@ huge inputs never need to fit in memory.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import sys
@@ -35,23 +37,42 @@ class SourceSpec:
     exclude: Path | None = None
     # Suffixes of files that head a multi-file record (the modality's record_suffixes).
     record_suffixes: tuple[str, ...] = ()
+    # Table columns copied into each sample's KEY.json under their own names (img2dataset's option).
+    additional_columns: tuple[str, ...] = ()
 
 
 SourceFn = Callable[[SourceSpec], Iterator[SourceItem]]
 SOURCES: Registry[SourceFn] = Registry("prep source")
-_SUFFIX_TO_SOURCE = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+_SUFFIX_TO_SOURCE = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+GZIP_SUFFIX = ".gz"
+
+
+def _table_suffix(input_path: Path) -> str:
+    """The table suffix of a file name, under a .gz if there is one (pairs.csv.gz -> .csv)."""
+    suffixes = [s.lower() for s in input_path.suffixes]
+    if suffixes[-1:] == [GZIP_SUFFIX] and len(suffixes) >= 2:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
 
 
 def source_kind(input_path: Path) -> str:
     """The registered source name for an input path."""
     if input_path.is_dir():
         return "folder"
-    kind = _SUFFIX_TO_SOURCE.get(input_path.suffix.lower())
-    if kind is None:
+    kind = _SUFFIX_TO_SOURCE.get(_table_suffix(input_path))
+    if kind is None or (kind == "parquet" and input_path.suffix.lower() == GZIP_SUFFIX):
         raise SourceError(
-            f"unsupported INPUT type {input_path.name!r}: expected a folder, a .csv, a .tsv or a .jsonl file"
+            f"unsupported INPUT type {input_path.name!r}: expected a folder, a .csv, .tsv or .jsonl file "
+            f"(each optionally .gz), or a .parquet file"
         )
     return kind
+
+
+def open_text(path: Path):
+    """A table file for reading as text, decompressed on the fly when it ends in .gz."""
+    if path.suffix.lower() == GZIP_SUFFIX:
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")
 
 
 def open_source(spec: SourceSpec) -> tuple[str, Iterator[SourceItem]]:
@@ -138,7 +159,9 @@ def _missing_column_error(input_path: Path, column: str, flag: str, present: lis
 
 
 def _check_columns(spec: SourceSpec, present: list[str]) -> None:
-    for column, flag in ((spec.path_column, "--path-column"), (spec.caption_column, "--caption-column")):
+    wanted = [(spec.path_column, "--path-column"), (spec.caption_column, "--caption-column")]
+    wanted += [(column, "--save-additional-columns") for column in spec.additional_columns]
+    for column, flag in wanted:
         if column not in present:
             raise _missing_column_error(spec.input, column, flag, present)
 
@@ -147,6 +170,16 @@ def resolve_media_path(cell: str, base_folder: Path) -> Path:
     """Relative paths in a table are relative to the table's own folder, not the cwd."""
     path = Path(cell).expanduser()
     return path if path.is_absolute() else base_folder / path
+
+
+def _json_value(value):
+    """A table cell as KEY.json can hold it: JSON values as they are, anything else (a Parquet
+    timestamp, bytes) as its text."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) -> SourceItem:
@@ -158,18 +191,19 @@ def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) ->
     if not isinstance(cell, str) or not (caption is None or isinstance(caption, str)):
         detail = f"{where}: {spec.path_column!r} and {spec.caption_column!r} must be strings"
         return SourceItem(index, str(cell), None, None, Rejection("invalid_record", detail))
-    return SourceItem(index, cell, resolve_media_path(cell, spec.input.parent), caption)
+    extra = {column: _json_value(record.get(column)) for column in spec.additional_columns} or None
+    return SourceItem(index, cell, resolve_media_path(cell, spec.input.parent), caption, extra=extra)
 
 
 def _read_header(spec: SourceSpec, delimiter: str) -> list[str]:
-    with open(spec.input, newline="", encoding="utf-8-sig") as table:
+    with open_text(spec.input) as table:
         return next(csv.reader(table, delimiter=delimiter), [])
 
 
 def table_source(spec: SourceSpec, delimiter: str) -> Iterator[SourceItem]:
     try:
         header = _read_header(spec, delimiter)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
         raise SourceError(f"cannot read {spec.input}: {error}") from None
     _check_columns(spec, header)
     return _table_items(spec, delimiter)
@@ -178,12 +212,12 @@ def table_source(spec: SourceSpec, delimiter: str) -> Iterator[SourceItem]:
 def _table_items(spec: SourceSpec, delimiter: str) -> Iterator[SourceItem]:
     # Long captions are legitimate; the csv module's default 128 KiB field limit is not.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(spec.input, newline="", encoding="utf-8-sig") as table:
+    with open_text(spec.input) as table:
         reader = csv.DictReader(table, delimiter=delimiter)
         try:
             for index, row in enumerate(reader):
                 yield _item_from_record(index, row, spec, f"{spec.input.name}:{reader.line_num}")
-        except (csv.Error, UnicodeDecodeError) as error:
+        except (csv.Error, UnicodeDecodeError, OSError, EOFError) as error:  # OSError/EOFError: a bad .gz
             raise SourceError(f"{spec.input} line {reader.line_num}: {error}") from None
 
 
@@ -202,7 +236,7 @@ def tsv_source(spec: SourceSpec) -> Iterator[SourceItem]:
 
 def _first_record_keys(input_path: Path) -> list[str] | None:
     """Keys of the first JSON object in the file (None when it has no object at all)."""
-    with open(input_path, encoding="utf-8-sig") as lines:
+    with open_text(input_path) as lines:
         for line in lines:
             if not line.strip():
                 continue
@@ -221,7 +255,7 @@ def jsonl_source(spec: SourceSpec) -> Iterator[SourceItem]:
     that lacks a key, or is not JSON, is rejected on its own without stopping the run."""
     try:
         keys = _first_record_keys(spec.input)
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, EOFError, UnicodeDecodeError) as error:
         raise SourceError(f"cannot read {spec.input}: {error}") from None
     if keys is not None:
         _check_columns(spec, keys)
@@ -230,7 +264,7 @@ def jsonl_source(spec: SourceSpec) -> Iterator[SourceItem]:
 
 def _jsonl_items(spec: SourceSpec) -> Iterator[SourceItem]:
     index = 0
-    with open(spec.input, encoding="utf-8-sig") as lines:
+    with open_text(spec.input) as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue  # blank lines are layout, not records
@@ -244,4 +278,32 @@ def _jsonl_items(spec: SourceSpec) -> Iterator[SourceItem]:
             else:
                 detail = f"{where}: not a JSON object ({record})"
                 yield SourceItem(index, where, None, None, Rejection("invalid_record", detail))
+            index += 1
+
+
+# ---------------------------------------------------------------- Parquet
+
+PARQUET_BATCH_ROWS = 8192  # rows read at a time: a table of any size streams in bounded memory
+
+
+@SOURCES.register("parquet")
+def parquet_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    """A Parquet table (LAION, DataComp and img2dataset metadata), read batch by batch with
+    pyarrow; only the path, caption and additional columns are read."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(spec.input)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(f"cannot read {spec.input} as Parquet: {error}") from None
+    _check_columns(spec, table.schema_arrow.names)
+    return _parquet_items(spec, table)
+
+
+def _parquet_items(spec: SourceSpec, table) -> Iterator[SourceItem]:
+    columns = list(dict.fromkeys([spec.path_column, spec.caption_column, *spec.additional_columns]))
+    index = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        for record in batch.to_pylist():
+            yield _item_from_record(index, record, spec, f"{spec.input.name}:row {index}")
             index += 1

@@ -1,0 +1,92 @@
+"""clip-prep shard over tables as LAION and DataComp ship them: Parquet (read in batches), and
+gzipped CSV/TSV/JSONL, with --save-additional-columns copied into each sample's KEY.json."""
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prep_fixtures import jpeg_bytes, read_json, read_rejects, read_shards, run_cli, write_pair
+
+ROWS = 7
+
+
+def make_images(folder):
+    """ROWS images; the row of index 3 names a file that does not exist."""
+    paths = [str(write_pair(folder, f"img{i}.jpg", jpeg_bytes(seed=i), None).relative_to(folder)) for i in range(ROWS)]
+    paths[3] = "missing.jpg"
+    return paths
+
+
+def columns(paths):
+    return {"url": paths, "caption": [f"caption {i}" for i in range(ROWS)],
+            "similarity": [0.25 + i / 100 for i in range(ROWS)], "NSFW": ["UNLIKELY"] * ROWS,
+            "taken": [datetime.datetime(2020, 1, 1 + i) for i in range(ROWS)], "unused": list(range(ROWS))}
+
+
+def check_output(out, paths):
+    samples = read_shards(out)
+    kept = [i for i in range(ROWS) if i != 3]
+    assert [s["txt"].decode() for s in samples.values()] == [f"caption {i}" for i in kept]
+    for i, sample in zip(kept, samples.values()):
+        meta = json.loads(sample["json"])
+        assert meta["source"] == paths[i] and float(meta["similarity"]) == pytest.approx(0.25 + i / 100)  # CSV cells stay text
+        assert meta["NSFW"] == "UNLIKELY" and "unused" not in meta
+    assert [(r["index"], r["reason"]) for r in read_rejects(out)] == [(3, "missing_file")]
+    assert read_json(out / "manifest.json")["written"] == ROWS - 1
+
+
+def test_parquet_streams_in_batches_and_keeps_additional_columns(tmp_path, monkeypatch):
+    import data_prep.sources as sources
+
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 2)  # several batches: order and indices must carry over
+    paths = make_images(tmp_path)
+    pq.write_table(pa.table(columns(paths)), tmp_path / "pairs.parquet", row_group_size=3)
+    out = tmp_path / "out"
+    assert run_cli("shard", tmp_path / "pairs.parquet", "--out", out, "--path-column", "url", "--workers", 1,
+                   "--save-additional-columns", "similarity,NSFW,taken") == 0
+    check_output(out, paths)
+    first = json.loads(next(iter(read_shards(out).values()))["json"])
+    assert first["taken"] == "2020-01-01 00:00:00"  # a timestamp is kept as its text
+
+
+@pytest.mark.parametrize("name", ["pairs.csv.gz", "pairs.tsv.gz", "pairs.jsonl.gz"])
+def test_gzipped_tables(tmp_path, name):
+    paths = make_images(tmp_path)
+    table = columns(paths)
+    keys = ["url", "caption", "similarity", "NSFW"]
+    if name.endswith(".jsonl.gz"):
+        text = "".join(json.dumps({k: table[k][i] for k in keys}) + "\n" for i in range(ROWS))
+    else:
+        sep = "," if ".csv" in name else "\t"
+        text = sep.join(keys) + "\n" + "".join(sep.join(str(table[k][i]) for k in keys) + "\n" for i in range(ROWS))
+    with gzip.open(tmp_path / name, "wt", encoding="utf-8") as handle:
+        handle.write(text)
+    out = tmp_path / "out"
+    assert run_cli("shard", tmp_path / name, "--out", out, "--path-column", "url", "--workers", 1,
+                   "--save-additional-columns", "similarity,NSFW") == 0
+    check_output(out, paths)
+
+
+def test_a_missing_additional_column_is_one_line_before_any_output(tmp_path, capsys):
+    paths = make_images(tmp_path)
+    pq.write_table(pa.table(columns(paths)), tmp_path / "pairs.parquet")
+    out = tmp_path / "out"
+    assert run_cli("shard", tmp_path / "pairs.parquet", "--out", out, "--path-column", "url",
+                   "--save-additional-columns", "similarity,LICENSE") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'LICENSE' (from --save-additional-columns) not found" in err
+    assert not out.exists()
+
+
+def test_a_corrupt_gzip_or_parquet_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.csv.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
+    for name in ("bad.csv.gz", "bad.parquet"):
+        assert run_cli("shard", tmp_path / name, "--out", tmp_path / "out") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("clip-prep: error: cannot read"), err
