@@ -3,7 +3,7 @@ benchmark into CLIP_benchmark's webdataset layout.
 
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
         [--caption-column caption] [--save-additional-columns a,b] [--samples-per-shard 10000]
-        [--workers N] [--overwrite]
+        [--workers N] [--overwrite] [--min-words N] [--min-side PX] [--max-aspect R]
       INPUT: a folder, a .csv/.tsv/.jsonl (each optionally .gz) or a .parquet table
       image: [--image-size 256] [--resize-mode keep_ratio|center_crop|border]
              [--max-pixels N] [--jpeg-quality 95]
@@ -77,6 +77,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _aspect_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != 0 and not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"an aspect ratio is at least 1 (or 0: off), got {text!r}")
+    return value
+
+
 def _column_list(text: str) -> tuple[str, ...]:
     columns = tuple(c.strip() for c in text.split(",") if c.strip())
     if not columns:
@@ -118,6 +128,12 @@ def add_shard_command(commands) -> None:
     shard.add_argument("--max-pixels", type=_bounded_int(1), default=DEFAULT_MAX_PIXELS,
                        help="reject images with more pixels than this (checked from the header)")
     shard.add_argument("--jpeg-quality", type=_bounded_int(1, 100), default=95, help="JPEG quality of outputs")
+    curation = shard.add_argument_group("filters (DataComp's basic filtering; 0 turns one off)")
+    curation.add_argument("--min-words", type=_bounded_int(0), default=0, help="reject captions of fewer words")
+    curation.add_argument("--min-side", type=_bounded_int(0), default=0,
+                          help="reject images whose shorter side is under this many pixels")
+    curation.add_argument("--max-aspect", type=_aspect_ratio, default=0.0,
+                          help="reject images whose longer/shorter side ratio is above this (at least 1)")
     shard.add_argument("--overwrite", action="store_true", help="replace a previous clip-prep output in --out")
     add_audio_options(shard, default_rate=DEFAULT_SAMPLE_RATE)
     audio = shard.add_argument_group("audio")
@@ -217,6 +233,10 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UsageError(f"--modality: {error.args[0]}") from None
     if args.input.is_dir() and args.out.resolve() == args.input.resolve():
         raise UsageError("--out must not be the INPUT folder itself")
+    used_filters = [flag for flag, value in (("--min-words", args.min_words), ("--min-side", args.min_side),
+                                             ("--max-aspect", args.max_aspect)) if value]
+    if used_filters and modality.name != "image":
+        raise UsageError(f"{', '.join(used_filters)}: the basic filters apply to --modality image")
     if args.input.is_dir() and args.save_additional_columns:
         raise UsageError("--save-additional-columns reads table columns; INPUT is a folder")
     spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out,

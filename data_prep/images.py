@@ -55,10 +55,29 @@ class ImageOptions:
     resize_mode: str = "keep_ratio"
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int = 95
+    # DataComp's basic filters (0: off): caption words, the image's shorter side, its aspect ratio
+    min_words: int = 0
+    min_side: int = 0
+    max_aspect: float = 0.0
 
     @classmethod
     def from_args(cls, args: Any) -> "ImageOptions":
-        return cls(args.image_size, args.resize_mode, args.max_pixels, args.jpeg_quality)
+        return cls(args.image_size, args.resize_mode, args.max_pixels, args.jpeg_quality,
+                   args.min_words, args.min_side, args.max_aspect)
+
+
+def basic_filter(caption: str, width: int, height: int, options: ImageOptions) -> Rejection | None:
+    """DataComp's basic filtering on a source pair (before any resize): too few caption words, a
+    shorter side under min_side pixels, or a longer/shorter side ratio above max_aspect."""
+    words = len(caption.split())
+    if options.min_words and words < options.min_words:
+        return Rejection("too_few_words", f"{words} caption words, --min-words is {options.min_words}")
+    if options.min_side and min(width, height) < options.min_side:
+        return Rejection("too_small", f"{width}x{height}: shorter side under --min-side {options.min_side}")
+    aspect = max(width, height) / max(1, min(width, height))
+    if options.max_aspect and aspect > options.max_aspect:
+        return Rejection("too_elongated", f"{width}x{height}: aspect {aspect:.2f} over --max-aspect {options.max_aspect}")
+    return None
 
 
 @contextlib.contextmanager
@@ -218,6 +237,9 @@ def encode_image_sample(path_or_bytes: MediaInput, caption: str | None, options:
         return caption_problem
     caption = caption.strip()
     upright = apply_exif_orientation(image)
+    filtered = basic_filter(caption, upright.width, upright.height, options)
+    if filtered is not None:
+        return filtered
     try:
         rgb = to_rgb(upright)
         jpeg = encode_jpeg(resize_image(rgb, options.image_size, options.resize_mode), options.jpeg_quality)

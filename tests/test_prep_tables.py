@@ -90,3 +90,25 @@ def test_a_corrupt_gzip_or_parquet_is_one_line(tmp_path, capsys):
         assert run_cli("shard", tmp_path / name, "--out", tmp_path / "out") == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("clip-prep: error: cannot read"), err
+
+
+def test_datacomp_basic_filters_reject_with_reasons(tmp_path):
+    from prep_fixtures import noise_image, image_bytes
+
+    sizes = {"ok": (64, 48), "small": (30, 64), "long": (200, 40), "terse": (64, 64)}
+    rows = []
+    for name, (w, h) in sizes.items():
+        write_pair(tmp_path, f"{name}.png", image_bytes(noise_image(w, h), "PNG"), None)
+        rows.append({"filepath": f"{name}.png", "caption": "two words" if name == "terse" else "a longer caption here"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run_cli("shard", tmp_path / "pairs.jsonl", "--out", out, "--workers", 1, "--min-words", 3,
+                   "--min-side", 32, "--max-aspect", 3) == 0
+    assert [json.loads(s["json"])["source"] for s in read_shards(out).values()] == ["ok.png"]
+    assert {r["source"]: r["reason"] for r in read_rejects(out)} == {
+        "small.png": "too_small", "long.png": "too_elongated", "terse.png": "too_few_words"}
+
+
+def test_an_aspect_ratio_under_one_is_a_usage_error(tmp_path, capsys):
+    assert run_cli("shard", tmp_path, "--out", tmp_path / "out", "--max-aspect", "0.5") == 2
+    assert "at least 1" in capsys.readouterr().err
