@@ -4,6 +4,8 @@ benchmark into CLIP_benchmark's webdataset layout.
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
         [--caption-column caption] [--save-additional-columns a,b] [--samples-per-shard 10000]
         [--workers N] [--overwrite] [--min-words N] [--min-side PX] [--max-aspect R]
+        [--url-column url [--threads 16] [--timeout 10] [--retries 0] [--max-download-bytes N]
+         [--user-agent UA] [--ignore-opt-out]]
       INPUT: a folder, a .csv/.tsv/.jsonl (each optionally .gz) or a .parquet table
       image: [--image-size 256] [--resize-mode keep_ratio|center_crop|border]
              [--max-pixels N] [--jpeg-quality 95]
@@ -118,6 +120,18 @@ def add_shard_command(commands) -> None:
     shard.add_argument("--modality", default="image", help=f"kind of media (valid: {', '.join(MODALITIES.names())})")
     shard.add_argument("--path-column", default="filepath", help="table/JSONL column holding media paths")
     shard.add_argument("--caption-column", default="caption", help="table/JSONL column holding captions")
+    shard.add_argument("--url-column", default=None,
+                       help="table column of http(s) URLs to download the media from (instead of --path-column)")
+    download = shard.add_argument_group("downloads (with --url-column)")
+    download.add_argument("--threads", type=_bounded_int(1), default=16, help="downloads in flight per process")
+    download.add_argument("--timeout", type=_positive_float, default=10.0, help="connect and read timeout, seconds")
+    download.add_argument("--retries", type=_bounded_int(0), default=0,
+                          help="retries of a timeout, reset or 5xx, with exponential backoff")
+    download.add_argument("--max-download-bytes", type=_bounded_int(1), default=50 * 1024 * 1024,
+                          help="reject a body larger than this")
+    download.add_argument("--user-agent", default=None, help="the User-Agent header sent")
+    download.add_argument("--ignore-opt-out", action="store_true",
+                          help="download images whose X-Robots-Tag says noai/noimageai/noindex (respected by default)")
     shard.add_argument("--save-additional-columns", type=_column_list, default=(), metavar="A,B",
                        help="table columns copied into each sample's KEY.json under their own names")
     shard.add_argument("--image-size", type=_bounded_int(1, 16384), default=256, help="target size in pixels")
@@ -226,6 +240,13 @@ def _options_for_manifest(args: argparse.Namespace) -> dict:
             for name, value in vars(args).items() if name != "run"}
 
 
+def _download_options(args: argparse.Namespace):
+    from data_prep.download import USER_AGENT, DownloadOptions
+
+    return DownloadOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_download_bytes,
+                           user_agent=args.user_agent or USER_AGENT, respect_opt_out=not args.ignore_opt_out)
+
+
 def run_shard(args: argparse.Namespace) -> int:
     try:
         modality = MODALITIES.get(args.modality)
@@ -239,13 +260,17 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(used_filters)}: the basic filters apply to --modality image")
     if args.input.is_dir() and args.save_additional_columns:
         raise UsageError("--save-additional-columns reads table columns; INPUT is a folder")
+    if args.url_column and args.input.is_dir():
+        raise UsageError("--url-column reads a table column; INPUT is a folder")
     spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out,
-                      record_suffixes=modality.record_suffixes, additional_columns=args.save_additional_columns)
+                      record_suffixes=modality.record_suffixes, additional_columns=args.save_additional_columns,
+                      url_column=args.url_column)
     kind, items = open_source(spec)  # validates INPUT and columns before touching --out
     prepare_output_dir(args.out, args.overwrite)
     writer = DatasetWriter(args.out, args.samples_per_shard)
     manifest_fields = {"source_type": kind, "modality": modality.name, "options": _options_for_manifest(args)}
-    summary = run_pipeline(items, modality, modality.build_options(args), writer, args.workers, manifest_fields)
+    summary = run_pipeline(items, modality, modality.build_options(args), writer, args.workers, manifest_fields,
+                           threads=args.threads if args.url_column else 1, download_options=_download_options(args))
     print(summary.one_line())
     return 0
 

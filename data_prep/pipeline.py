@@ -9,6 +9,7 @@ import functools
 import itertools
 import multiprocessing
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
@@ -38,14 +39,32 @@ class InputCounter:
         return item
 
 
-def process_item(item: SourceItem, encode: Callable, options: Any) -> tuple[SourceItem, EncodeResult]:
-    """Encode one item; any unexpected failure becomes a rejection, never a crashed run."""
+def process_item(item: SourceItem, encode: Callable, options: Any,
+                 download_options: Any = None) -> tuple[SourceItem, EncodeResult]:
+    """Download (for a URL input) and encode one item; any unexpected failure becomes a
+    rejection, never a crashed run."""
     if item.rejection is not None:
         return item, item.rejection
     try:
-        return item, encode(item.path, item.caption, options)
+        media = item.path
+        if item.url is not None:
+            from data_prep.download import DownloadOptions, download
+
+            media = download(item.url, download_options or DownloadOptions())
+            if isinstance(media, Rejection):
+                return item, media
+        return item, encode(media, item.caption, options)
     except Exception as error:
         return item, Rejection("unexpected_error", f"{type(error).__name__}: {error}")
+
+
+def process_chunk(items: list[SourceItem], work: Callable, threads: int) -> list[tuple]:
+    """A chunk's results in order, `threads` items at a time: downloads wait on the network, so
+    a process keeps several in flight (as img2dataset's thread_count does)."""
+    if threads <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, items))
 
 
 def _windows(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -55,9 +74,22 @@ def _windows(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem
 
 
 def encode_in_order(
-    items: Iterable[SourceItem], work: Callable[[SourceItem], tuple], workers: int
+    items: Iterable[SourceItem], work: Callable[[SourceItem], tuple], workers: int, threads: int = 1
 ) -> Iterator[tuple[SourceItem, EncodeResult]]:
-    """Results in input order; with one worker everything stays in this process."""
+    """Results in input order; with one worker everything stays in this process. With threads > 1
+    each process works on chunks of items with that many threads."""
+    if threads > 1:
+        chunk_work = functools.partial(process_chunk, work=work, threads=threads)
+        chunks = _windows(items, CHUNK_SIZE * threads)
+        if workers <= 1:
+            for chunk in chunks:
+                yield from chunk_work(chunk)
+            return
+        with multiprocessing.Pool(workers) as pool:
+            for window in _windows(chunks, max(1, WINDOW_SIZE // (CHUNK_SIZE * threads))):
+                for results in pool.imap(chunk_work, window):
+                    yield from results
+        return
     if workers <= 1:
         yield from map(work, items)
         return
@@ -74,6 +106,8 @@ def run_pipeline(
     workers: int,
     manifest_fields: dict[str, Any],
     total: int | None = None,
+    threads: int = 1,
+    download_options: Any = None,
 ) -> RunSummary:
     """Encode and write every item, then finish the dataset (sizes, manifest).
 
@@ -81,12 +115,14 @@ def run_pipeline(
     counts, so the final check written + rejected == inputs catches a result lost on the way.
     """
     counter = InputCounter(items)
-    work = functools.partial(process_item, encode=modality.encode, options=options)
-    results = encode_in_order(counter, work, workers)
+    work = functools.partial(process_item, encode=modality.encode, options=options, download_options=download_options)
+    results = encode_in_order(counter, work, workers, threads)
     progress = tqdm(results, total=total, unit="sample", file=sys.stderr, disable=None, desc="clip-prep")
     for item, result in progress:
+        origin = {"url": item.url} if item.url is not None else {}
         if isinstance(result, Rejection):
-            writer.reject(item.index, item.source, result)
+            writer.reject(item.index, item.source, result, origin)
         else:
-            writer.write(item.index, result.members, {"source": item.source, **result.metadata, **(item.extra or {})})
+            writer.write(item.index, result.members,
+                         {"source": item.source, **origin, **result.metadata, **(item.extra or {})})
     return writer.finish(counter.count, manifest_fields)

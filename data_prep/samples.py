@@ -50,6 +50,7 @@ class SourceItem:
     caption: str | None
     rejection: Rejection | None = None
     extra: dict | None = None  # --save-additional-columns: column name -> value, kept in KEY.json
+    url: str | None = None  # an http(s) URL to download the media from (--url-column), instead of `path`
 
 
 MediaInput = Union[bytes, str, Path]

@@ -39,6 +39,8 @@ class SourceSpec:
     record_suffixes: tuple[str, ...] = ()
     # Table columns copied into each sample's KEY.json under their own names (img2dataset's option).
     additional_columns: tuple[str, ...] = ()
+    # A column of http(s) URLs to download the media from, read instead of path_column.
+    url_column: str | None = None
 
 
 SourceFn = Callable[[SourceSpec], Iterator[SourceItem]]
@@ -159,7 +161,8 @@ def _missing_column_error(input_path: Path, column: str, flag: str, present: lis
 
 
 def _check_columns(spec: SourceSpec, present: list[str]) -> None:
-    wanted = [(spec.path_column, "--path-column"), (spec.caption_column, "--caption-column")]
+    media = (spec.url_column, "--url-column") if spec.url_column else (spec.path_column, "--path-column")
+    wanted = [media, (spec.caption_column, "--caption-column")]
     wanted += [(column, "--save-additional-columns") for column in spec.additional_columns]
     for column, flag in wanted:
         if column not in present:
@@ -182,8 +185,23 @@ def _json_value(value):
         return str(value)
 
 
+def _url_item(index: int, record: dict, spec: SourceSpec, where: str) -> SourceItem:
+    url, caption = record.get(spec.url_column), record.get(spec.caption_column)
+    extra = {column: _json_value(record.get(column)) for column in spec.additional_columns} or None
+    if not isinstance(url, str) or not url.strip():
+        return SourceItem(index, where, None, None, Rejection("missing_url", f"{where}: no {spec.url_column!r} value"))
+    url = url.strip()
+    if not url.lower().startswith(("http://", "https://")):
+        return SourceItem(index, url, None, None, Rejection("invalid_url", f"{where}: not an http(s) URL"), url=url)
+    if not (caption is None or isinstance(caption, str)):
+        return SourceItem(index, url, None, None, Rejection("invalid_record", f"{where}: caption is not text"), url=url)
+    return SourceItem(index, url, None, caption, extra=extra, url=url)
+
+
 def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) -> SourceItem:
     """One CSV row or JSONL object -> SourceItem; bad cells become rejections."""
+    if spec.url_column:
+        return _url_item(index, record, spec, where)
     cell = record.get(spec.path_column)
     caption = record.get(spec.caption_column)
     if cell is None or (isinstance(cell, str) and not cell.strip()):
@@ -301,7 +319,8 @@ def parquet_source(spec: SourceSpec) -> Iterator[SourceItem]:
 
 
 def _parquet_items(spec: SourceSpec, table) -> Iterator[SourceItem]:
-    columns = list(dict.fromkeys([spec.path_column, spec.caption_column, *spec.additional_columns]))
+    media = spec.url_column or spec.path_column
+    columns = list(dict.fromkeys([media, spec.caption_column, *spec.additional_columns]))
     index = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
         for record in batch.to_pylist():

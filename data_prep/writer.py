@@ -5,7 +5,7 @@ Layout of an output folder:
     00000.tar, 00001.tar, ...   KEY.jpg / KEY.txt / KEY.json (+ extra members) per sample
     00000_stats.json, ...       {"shard", "count", "rejected", "rejected_by_reason", ...}
     sizes.json                  {"00000.tar": count, ...}, what open_clip reads
-    rejects.jsonl               one {"index", "source", "reason", "detail"} per rejected input
+    rejects.jsonl               one {"index", "source", ("url",) "reason", "detail"} per rejected input
     manifest.json               written only after every check passed: its presence means
                                 the folder is complete
 
@@ -176,8 +176,10 @@ class DatasetWriter:
         self.written += 1
         return key
 
-    def reject(self, index: int, source: str, rejection: Rejection) -> None:
-        line = {"index": index, "source": source, "reason": rejection.reason, "detail": rejection.detail}
+    def reject(self, index: int, source: str, rejection: Rejection, origin: dict | None = None) -> None:
+        """Record a rejected input; `origin` ({"url": ...} for a download) is added to its line."""
+        line = {"index": index, "source": source, **(origin or {}), "reason": rejection.reason,
+                "detail": rejection.detail}
         self._rejects_file.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._note_index(index)
         self._stats.rejected += 1

@@ -204,10 +204,10 @@ def test_an_interrupted_run_leaves_no_manifest_even_over_a_finished_one(tmp_path
 
     original_process_item = pipeline.process_item
 
-    def interrupted(item, encode, options):
+    def interrupted(item, encode, options, **download):
         if item.index == 2:
             raise KeyboardInterrupt
-        return original_process_item(item, encode, options)
+        return original_process_item(item, encode, options, **download)
 
     monkeypatch.setattr(pipeline, "process_item", interrupted)
     assert run_cli("shard", tmp_path / "in", "--out", out, "--workers", 1, "--overwrite") == 130
