@@ -137,3 +137,17 @@ def test_a_missing_url_column_is_one_line(tmp_path, capsys):
     assert run_cli("shard", table, "--out", tmp_path / "out", "--url-column", "url") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'url' (from --url-column) not found" in err
+
+
+def test_failures_the_loopback_server_cannot_stage_are_named_too():
+    """DNS failures and connect timeouts need the outside network; their classification is
+    checked on the errors requests raises for them."""
+    import requests
+
+    from data_prep.download import _classify, opted_out
+
+    dns = requests.exceptions.ConnectionError("HTTPConnectionPool(host='x.invalid'): NameResolutionError(...)")
+    assert _classify(dns).reason == "dns_error"
+    assert _classify(requests.exceptions.ConnectTimeout("timed out")).reason == "connect_timeout"
+    assert opted_out({"X-Robots-Tag": "otherbot: noai"}) is None  # scoped to another agent
+    assert opted_out({"X-Robots-Tag": "*: noimageai"}) == "noimageai"
