@@ -3,7 +3,7 @@ benchmark into CLIP_benchmark's webdataset layout.
 
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
         [--caption-column caption] [--save-additional-columns a,b] [--samples-per-shard 10000]
-        [--workers N] [--overwrite] [--min-words N] [--min-side PX] [--max-aspect R]
+        [--workers N] [--overwrite | --resume] [--min-words N] [--min-side PX] [--max-aspect R]
         [--url-column url [--threads 16] [--timeout 10] [--retries 0] [--max-download-bytes N]
          [--user-agent UA] [--ignore-opt-out]]
       INPUT: a folder, a .csv/.tsv/.jsonl (each optionally .gz) or a .parquet table
@@ -27,6 +27,7 @@ A bad invocation prints one line, `clip-prep: error: ...`, and exits with status
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ from data_prep.pipeline import run_pipeline
 from data_prep.samples import MODALITIES
 from data_prep.sources import SourceError, SourceSpec, open_source
 from data_prep.samples import MissingToolError
-from data_prep.writer import DatasetWriter, InvariantError, OutputDirError, prepare_output_dir
+from data_prep.writer import (JOB_FILE, MANIFEST_FILE, DatasetWriter, InvariantError, OutputDirError,
+                              prepare_output_dir, write_json_atomically)
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 1
@@ -149,6 +151,8 @@ def add_shard_command(commands) -> None:
     curation.add_argument("--max-aspect", type=_aspect_ratio, default=0.0,
                           help="reject images whose longer/shorter side ratio is above this (at least 1)")
     shard.add_argument("--overwrite", action="store_true", help="replace a previous clip-prep output in --out")
+    shard.add_argument("--resume", action="store_true",
+                       help="continue the unfinished job in --out (run with the same INPUT and options)")
     add_audio_options(shard, default_rate=DEFAULT_SAMPLE_RATE)
     audio = shard.add_argument_group("audio")
     audio.add_argument("--max-duration", type=_positive_float, default=None,
@@ -266,13 +270,51 @@ def run_shard(args: argparse.Namespace) -> int:
                       record_suffixes=modality.record_suffixes, additional_columns=args.save_additional_columns,
                       url_column=args.url_column)
     kind, items = open_source(spec)  # validates INPUT and columns before touching --out
-    prepare_output_dir(args.out, args.overwrite)
-    writer = DatasetWriter(args.out, args.samples_per_shard)
+    job = _job_record(args)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the job in --out and --overwrite replaces it: pass one of them")
+    if args.resume and (args.out / MANIFEST_FILE).is_file():
+        _check_same_job(args.out, job)
+        print(f"clip-prep: {args.out} is already complete (manifest.json); nothing to do")
+        return 0
+    if args.resume and args.out.is_dir() and any(args.out.iterdir()):
+        _check_same_job(args.out, job)
+        writer, skip = DatasetWriter.resumed(args.out, args.samples_per_shard)
+        print(f"clip-prep: resuming {args.out}: {len(writer.closed_shards)} complete shard(s) kept, "
+              f"{skip} inputs already accounted for", file=sys.stderr)
+    else:
+        prepare_output_dir(args.out, args.overwrite)
+        write_json_atomically(args.out / JOB_FILE, job)
+        writer, skip = DatasetWriter(args.out, args.samples_per_shard), 0
     manifest_fields = {"source_type": kind, "modality": modality.name, "options": _options_for_manifest(args)}
     summary = run_pipeline(items, modality, modality.build_options(args), writer, args.workers, manifest_fields,
-                           threads=args.threads if args.url_column else 1, download_options=_download_options(args))
+                           threads=args.threads if args.url_column else 1, download_options=_download_options(args),
+                           skip=skip)
     print(summary.one_line())
     return 0
+
+
+# Options that change how fast a job runs but not what it writes: a resumed job may change them.
+_SPEED_OPTIONS = ("workers", "threads", "resume", "overwrite", "out")
+
+
+def _job_record(args: argparse.Namespace) -> dict:
+    """What decides the output of a job: its input and every option that shapes the shards."""
+    options = {k: v for k, v in _options_for_manifest(args).items() if k not in _SPEED_OPTIONS}
+    return {"input": str(args.input.resolve()), "options": options}
+
+
+def _check_same_job(out_dir: Path, job: dict) -> None:
+    job_file = out_dir / JOB_FILE
+    if not job_file.is_file():
+        raise UsageError(f"--resume: {out_dir} holds no {JOB_FILE}, so it is not a clip-prep shard job to continue")
+    before = json.loads(job_file.read_text(encoding="utf-8"))
+    job = json.loads(json.dumps(job))  # tuples as the lists the file holds
+    if before != job:
+        changed = sorted(k for k in {*before["options"], *job["options"]}
+                         if before["options"].get(k) != job["options"].get(k))
+        what = f"options {', '.join(changed)}" if changed else "INPUT"
+        raise UsageError(f"--resume: {what} differ from the job in {out_dir}; rerun it with the same command")
 
 
 def run_demo(args: argparse.Namespace) -> int:

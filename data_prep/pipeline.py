@@ -33,6 +33,11 @@ class InputCounter:
     def __iter__(self) -> "InputCounter":
         return self
 
+    def skip(self, count: int) -> None:
+        """Pass over (and count) the first `count` items: a resumed job's kept shards hold them."""
+        for _ in itertools.islice(self._items, count):
+            self.count += 1
+
     def __next__(self) -> SourceItem:
         item = next(self._items)
         self.count += 1
@@ -108,6 +113,7 @@ def run_pipeline(
     total: int | None = None,
     threads: int = 1,
     download_options: Any = None,
+    skip: int = 0,
 ) -> RunSummary:
     """Encode and write every item, then finish the dataset (sizes, manifest).
 
@@ -115,6 +121,7 @@ def run_pipeline(
     counts, so the final check written + rejected == inputs catches a result lost on the way.
     """
     counter = InputCounter(items)
+    counter.skip(skip)
     work = functools.partial(process_item, encode=modality.encode, options=options, download_options=download_options)
     results = encode_in_order(counter, work, workers, threads)
     progress = tqdm(results, total=total, unit="sample", file=sys.stderr, disable=None, desc="clip-prep")

@@ -6,8 +6,13 @@ Layout of an output folder:
     00000_stats.json, ...       {"shard", "count", "rejected", "rejected_by_reason", ...}
     sizes.json                  {"00000.tar": count, ...}, what open_clip reads
     rejects.jsonl               one {"index", "source", ("url",) "reason", "detail"} per rejected input
+    prep_job.json               the input and options of the job, so that --resume can check them
     manifest.json               written only after every check passed: its presence means
                                 the folder is complete
+
+A job killed at any point continues with --resume (`DatasetWriter.resumed`): its complete shards
+(a tar with its _stats.json, written once the tar is closed and the rejects before it are flushed)
+are kept, what came after them is removed, and the inputs they account for are skipped.
 
 Tars are byte-reproducible: fixed mtime/owner/mode, members in a fixed order, and each shard
 is written to NAME.partial and renamed only once complete.
@@ -33,9 +38,12 @@ SHARD_DIGITS = 5
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"
 REJECTS_FILE = "rejects.jsonl"
+JOB_FILE = "prep_job.json"
 PARTIAL_SUFFIX = ".partial"
 _TAR_MTIME = 0  # a fixed timestamp keeps shards byte-identical between runs
-_OUR_FILE = re.compile(r"^(\d+\.tar(\.partial)?|\d+_stats\.json|sizes\.json|rejects\.jsonl|manifest\.json(\.partial)?)$")
+_OUR_FILE = re.compile(
+    r"^(\d+\.tar(\.partial)?|\d+_stats\.json|sizes\.json|rejects\.jsonl|prep_job\.json|manifest\.json(\.partial)?)$")
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar(\.partial)?|_stats\.json(\.partial)?)$")
 
 
 class OutputDirError(ValueError):
@@ -78,9 +86,25 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, extra_names: Iterable[str
         raise OutputDirError(f"--out {str(out_dir)!r} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise OutputDirError(f"output directory {str(out_dir)!r} is not empty; pass --overwrite to replace it")
+            raise OutputDirError(f"output directory {str(out_dir)!r} is not empty; pass --resume to continue an "
+                                 f"unfinished job there or --overwrite to replace it")
         remove_previous_output(out_dir, extra_names)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _cut_rejects(path: Path, accounted: int) -> None:
+    """Keep the rejects.jsonl lines of inputs before `accounted`; a line cut short by a kill is dropped."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["index"] < accounted:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text("".join(kept), encoding="utf-8")
+    os.replace(partial, path)
 
 
 class TarShard:
@@ -149,18 +173,42 @@ class RunSummary:
 class DatasetWriter:
     """Receives samples and rejections in input order and lays out one output folder."""
 
-    def __init__(self, out_dir: Path, samples_per_shard: int):
+    def __init__(self, out_dir: Path, samples_per_shard: int, kept: list[ShardStats] | None = None):
+        """`kept`: the complete shards of a resumed job (see `resumed`); rejects.jsonl is then
+        appended to rather than started."""
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be at least 1")
         self.out_dir = out_dir
         self.samples_per_shard = samples_per_shard
-        self.closed_shards: list[ShardStats] = []
+        self.closed_shards: list[ShardStats] = list(kept or [])
         self._shard: TarShard | None = None
-        self._stats = ShardStats(shard_name(0))  # collects rejects until the first shard opens
-        self._rejected_by_reason: Counter = Counter()
-        self._rejects_file = open(out_dir / REJECTS_FILE, "w", encoding="utf-8")
-        self.written = 0
-        self.rejected = 0
+        # collects rejects until the next shard opens
+        self._stats = ShardStats(shard_name(len(self.closed_shards)))
+        self._rejected_by_reason: Counter = sum((s.rejected_by_reason for s in self.closed_shards), Counter())
+        self._rejects_file = open(out_dir / REJECTS_FILE, "a" if kept is not None else "w", encoding="utf-8")
+        self.written = sum(s.count for s in self.closed_shards)
+        self.rejected = sum(s.rejected for s in self.closed_shards)
+
+    @classmethod
+    def resumed(cls, out_dir: Path, samples_per_shard: int) -> tuple["DatasetWriter", int]:
+        """(a writer continuing the unfinished job in `out_dir`, how many inputs its kept shards
+        account for). Kept: shards 0, 1, ... each with its _stats.json; everything after the
+        first missing one is removed, and rejects.jsonl is cut back to the kept inputs."""
+        kept: list[ShardStats] = []
+        while (out_dir / shard_name(len(kept))).is_file():
+            stats_file = out_dir / shard_name(len(kept)).replace(".tar", "_stats.json")
+            if not stats_file.is_file():
+                break
+            stats = json.loads(stats_file.read_text(encoding="utf-8"))
+            kept.append(ShardStats(stats["shard"], stats["count"], stats["rejected"],
+                                   Counter(stats["rejected_by_reason"]), stats["first_index"], stats["last_index"]))
+        accounted = kept[-1].last_index + 1 if kept else 0
+        for entry in out_dir.iterdir():
+            numbered = _SHARD_FILE.match(entry.name)
+            if (numbered and int(numbered.group(1)) >= len(kept)) or entry.name in (SIZES_FILE, MANIFEST_FILE):
+                entry.unlink()
+        _cut_rejects(out_dir / REJECTS_FILE, accounted)
+        return cls(out_dir, samples_per_shard, kept), accounted
 
     def write(self, index: int, members: dict[str, bytes], metadata: dict[str, Any]) -> str:
         """Add one sample; KEY.json gets `metadata` with "key" first. Returns the key."""
@@ -208,6 +256,9 @@ class DatasetWriter:
         self._stats.last_index = index
 
     def _close_shard(self) -> None:
+        # the rejects this shard accounts for reach the disk before its stats mark it complete
+        self._rejects_file.flush()
+        os.fsync(self._rejects_file.fileno())
         self._shard.close()
         write_json_atomically(self.out_dir / self._stats.shard.replace(".tar", "_stats.json"), self._stats.as_json())
         self.closed_shards.append(self._stats)
