@@ -185,9 +185,14 @@ def _json_value(value):
         return str(value)
 
 
+def _additional_values(record: dict, spec: SourceSpec) -> dict | None:
+    """The --save-additional-columns values of a row (None when none were asked for)."""
+    return {column: _json_value(record.get(column)) for column in spec.additional_columns} or None
+
+
 def _url_item(index: int, record: dict, spec: SourceSpec, where: str) -> SourceItem:
     url, caption = record.get(spec.url_column), record.get(spec.caption_column)
-    extra = {column: _json_value(record.get(column)) for column in spec.additional_columns} or None
+    extra = _additional_values(record, spec)
     if not isinstance(url, str) or not url.strip():
         return SourceItem(index, where, None, None, Rejection("missing_url", f"{where}: no {spec.url_column!r} value"))
     url = url.strip()
@@ -209,7 +214,7 @@ def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) ->
     if not isinstance(cell, str) or not (caption is None or isinstance(caption, str)):
         detail = f"{where}: {spec.path_column!r} and {spec.caption_column!r} must be strings"
         return SourceItem(index, str(cell), None, None, Rejection("invalid_record", detail))
-    extra = {column: _json_value(record.get(column)) for column in spec.additional_columns} or None
+    extra = _additional_values(record, spec)
     return SourceItem(index, cell, resolve_media_path(cell, spec.input.parent), caption, extra=extra)
 
 
