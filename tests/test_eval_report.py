@@ -321,7 +321,9 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
         f.write("| half a tab")
         raise KeyboardInterrupt
 
+    from clip_train.eval.atomic import atomic_write
+
     with pytest.raises(KeyboardInterrupt):
-        report._atomic_write(target, fail)
+        atomic_write(target, fail)
     assert target.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from clip_train.eval import DatasetRequest, EVAL_TASKS, EvalError, evaluate, resolve_device
+from clip_train.eval.sharding import is_main_rank
 
 PROG = "clip-eval"
 
@@ -136,10 +137,6 @@ def _start_process_group() -> None:
         dist.init_process_group(backend)
 
 
-def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _write_json(path: Path, result: dict) -> None:
     from clip_train.eval.suite import write_json_atomically
 
@@ -168,7 +165,7 @@ def run_single(argv) -> int:
     result = evaluate(args.model, request, args.task, pretrained=(args.pretrained or [None])[0],
                       batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                       **(_task_options(args) if args.task == "linear_probe" else {}))
-    if _is_main_rank():
+    if is_main_rank():
         _write_json(Path(args.output), result)
         print(format_metrics(result))
     return 0
@@ -212,7 +209,7 @@ def run_suite_command(argv) -> int:
     out_dir = Path(args.output)
     suite.run_suite(jobs, out_dir, batch_size=args.batch_size, workers=args.workers, device=device, amp=amp,
                     options=_task_options(args), progress=args.progress)
-    if _is_main_rank():
+    if is_main_rank():
         written = report.write_reports(out_dir)
         print(_first_table(Path(written["md"]).read_text(encoding="utf-8")))
         print(f"results: {', '.join(str(p) for p in written.values())}")

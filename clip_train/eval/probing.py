@@ -27,8 +27,9 @@ from clip_train.eval.datasets import (
 )
 from clip_train.eval.linear_probe import Features, linear_probe, normalize_features
 from clip_train.eval.loading import EvalError
+from clip_train.eval.atomic import atomic_write
 from clip_train.eval.sharding import Share, cat_or_none, computed_on_main, current_share, gather_rows, \
-    run_collectively, without_indices
+    is_main_rank, run_collectively, without_indices
 from clip_train.eval.zeroshot import autocast_context, encode_signal
 
 
@@ -118,11 +119,9 @@ def _cached_features(cache_dir, model_name, split_name, compute) -> Features:
         stored = torch.load(path, weights_only=True)
         return Features(stored["features"], stored["targets"])
     features = compute()
-    if current_share() is None or torch.distributed.get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save({"features": features.features, "targets": features.targets, "split": split_name}, partial)
-        partial.replace(path)
+    if is_main_rank():
+        stored = {"features": features.features, "targets": features.targets, "split": split_name}
+        atomic_write(path, lambda f: torch.save(stored, f), binary=True)
     return features
 
 

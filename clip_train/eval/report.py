@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from clip_train.eval.atomic import atomic_write
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -221,22 +222,6 @@ def _metric_title(results: list[dict]) -> str:
 
 # --- writing ----------------------------------------------------------------------------------
 
-def _atomic_write(path, write: Callable[[Any], None], binary: bool = False) -> Path:
-    """Run write(file) on a temporary file beside `path`, then move it over `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # newline="" because the csv module writes its own line endings.
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
 def csv_row(result: dict) -> dict:
     """One CSV row exactly as CLIP_benchmark's main_build builds it: metrics, then the top-level
     keys (which win on a name clash, as there), then model_fullname; lists and dicts are skipped."""
@@ -261,7 +246,7 @@ def write_csv(results, path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def _cell(value: Any) -> str:
@@ -315,7 +300,7 @@ def markdown(results) -> str:
 
 def write_markdown(results, path) -> Path:
     text = markdown(results)
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def _colours(n: int) -> list:
@@ -382,7 +367,7 @@ def build_figure(results) -> Figure:
 
 def write_plot(results, path) -> Path:
     fig = build_figure(results)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"), binary=True)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"), binary=True)
 
 
 def write_reports(out_dir, stem: str = "results") -> dict[str, Path]:

@@ -52,6 +52,11 @@ def current_share() -> Share | None:
     return Share(dist.get_rank(), world) if world > 1 else None
 
 
+def is_main_rank() -> bool:
+    """Whether this process writes the files of an evaluation: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 # --- the split (webdataset stages; module level so loader workers can pickle them) ---------------
 
 

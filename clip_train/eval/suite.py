@@ -24,7 +24,9 @@ from tqdm import tqdm
 from clip_train.eval import DatasetRequest, EvalError, EVAL_TASKS, load_model, result_record, resolve_collectively, \
     run_task
 from clip_train.eval import known_datasets, layouts
+from clip_train.eval.atomic import atomic_write
 from clip_train.eval.datasets import CLASSNAMES_FILE, batch_progress, find_shards
+from clip_train.eval.sharding import is_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class SuiteJob:
     dataset: str  # the dataset's name in the suite
     task: str
     request: DatasetRequest
+    resolved: object = None  # the task's checked data, from planning (read once, whatever the model count)
 
 
 def parse_model(text: str, pretrained: str | None = None) -> SuiteModel:
@@ -188,10 +191,10 @@ def plan_suite(models: list[SuiteModel], datasets: list[SuiteDataset], root_temp
         entry_tasks = list(entry.tasks) if entry.tasks else _tasks_for(
             entry.name, dataset_kind(root, entry.name, entry_split), tasks)
         for task in entry_tasks:
-            resolve_collectively(EVAL_TASKS.get(task), request)  # fail now, not after the first model
-            jobs_per_dataset.append((entry.name, task, request))
-    return [SuiteJob(model, name, task, request) for model in with_slugs(models)
-            for name, task, request in jobs_per_dataset]
+            resolved = resolve_collectively(EVAL_TASKS.get(task), request)  # fail now, not after the first model
+            jobs_per_dataset.append((entry.name, task, request, resolved))
+    return [SuiteJob(model, name, task, request, resolved) for model in with_slugs(models)
+            for name, task, request, resolved in jobs_per_dataset]
 
 
 def _slug(text: str) -> str:
@@ -209,16 +212,7 @@ def result_path(out_dir: Path, job: SuiteJob) -> Path:
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
-def _is_main_rank() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2) + "\n"))
 
 
 def _agreed(pending: list[SuiteJob]) -> list[SuiteJob]:
@@ -238,9 +232,8 @@ def run_job(job: SuiteJob, loaded, batch_size: int, workers: int, device, amp: b
     """The result record of one job with an already loaded model (every rank calls it)."""
     if job.task == "linear_probe":
         options = {**options, "model_name": f"{loaded.name}|{job.model.pretrained}"}
-    metrics = run_task(job.task, loaded.model, loaded.preprocess, loaded.tokenizer,
-                       EVAL_TASKS.get(job.task).resolve(job.request, None), batch_size, workers, device,
-                       signal_dtype=signal_dtype, amp=amp, **options)
+    metrics = run_task(job.task, loaded.model, loaded.preprocess, loaded.tokenizer, job.resolved, batch_size,
+                       workers, device, signal_dtype=signal_dtype, amp=amp, **options)
     return result_record(job.task, metrics, job.dataset, job.model.spec, job.model.pretrained)
 
 
@@ -256,15 +249,15 @@ def run_suite(jobs: list[SuiteJob], out_dir: Path, *, batch_size: int = 64, work
     if done:
         log.info("%d of %d results already in %s: not recomputed", done, len(jobs), out_dir)
     loaded_for = None
-    bar = tqdm(pending, desc="suite", unit="result", disable=not progress or not _is_main_rank())
+    bar = tqdm(pending, desc="suite", unit="result", disable=not progress or not is_main_rank())
     for job in bar:
         bar.set_postfix_str(f"{job.dataset} {job.task}")
         if loaded_for != job.model:
             loaded = load_model(job.model.spec, pretrained=job.model.pretrained, device=device)
             loaded_for = job.model
-        with batch_progress(f"{job.dataset} {job.task}" if progress and _is_main_rank() else None):
+        with batch_progress(f"{job.dataset} {job.task}" if progress and is_main_rank() else None):
             record = run_job(job, loaded, batch_size, workers, device, amp, options)
-        if _is_main_rank():
+        if is_main_rank():
             write_json_atomically(result_path(out_dir, job), record)
     return [result_path(out_dir, job) for job in jobs]
 
@@ -297,7 +290,7 @@ def run_training_suite(model, preprocess, tokenizer, suite_file, device, batch_s
     flat = {f"suite/{r['dataset']}/{r['task']}/{name}": value for r in records
             for name, value in r["metrics"].items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
     flat["suite/average"] = report.suite_average(records).get(report.model_label(records[0]))
-    if out_dir is not None and _is_main_rank():
+    if out_dir is not None and is_main_rank():
         for job, record in zip(jobs, records):
             write_json_atomically(result_path(out_dir, job), record)
         report.write_reports(out_dir)
