@@ -4,6 +4,7 @@ benchmark into CLIP_benchmark's webdataset layout.
     clip-prep shard INPUT --out DIR [--modality image|audio|ecg] [--path-column filepath]
         [--caption-column caption] [--save-additional-columns a,b] [--samples-per-shard 10000]
         [--workers N] [--overwrite | --resume] [--min-words N] [--min-side PX] [--max-aspect R]
+        [--distributor local|ray [--ray-address ADDR]]
         [--url-column url [--threads 16] [--timeout 10] [--retries 0] [--max-download-bytes N]
          [--user-agent UA] [--ignore-opt-out]]
       INPUT: a folder, a .csv/.tsv/.jsonl (each optionally .gz) or a .parquet table
@@ -40,9 +41,9 @@ from data_prep.images import DEFAULT_MAX_PIXELS, RESIZE_MODES  # importing it re
 from data_prep.pipeline import run_pipeline
 from data_prep.samples import MODALITIES
 from data_prep.sources import SourceError, SourceSpec, open_source
+from data_prep.store import Store, is_url, open_store, write_json
 from data_prep.samples import MissingToolError
-from data_prep.writer import (JOB_FILE, MANIFEST_FILE, DatasetWriter, InvariantError, OutputDirError,
-                              prepare_output_dir, write_json_atomically)
+from data_prep.writer import JOB_FILE, MANIFEST_FILE, DatasetWriter, InvariantError, OutputDirError, prepare_output_dir
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 1
@@ -110,6 +111,11 @@ def _lead_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _output_location(text: str) -> Path | str:
+    """--out: a folder, or an fsspec URL kept as text (s3://bucket/prefix)."""
+    return text.rstrip("/") if is_url(text) else Path(text)
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -118,7 +124,8 @@ def add_shard_command(commands) -> None:
     shard = commands.add_parser("shard", help="write webdataset shards from a folder, CSV/TSV, JSONL or Parquet")
     shard.add_argument("input", type=Path, metavar="INPUT",
                        help="folder with STEM.txt captions, or .csv/.tsv/.jsonl (optionally .gz) or .parquet")
-    shard.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest")
+    shard.add_argument("--out", type=_output_location, required=True,
+                       help="output folder for shards and manifest, or an fsspec URL (s3://bucket/prefix)")
     shard.add_argument("--modality", default="image", help=f"kind of media (valid: {', '.join(MODALITIES.names())})")
     shard.add_argument("--path-column", default="filepath", help="table/JSONL column holding media paths")
     shard.add_argument("--caption-column", default="caption", help="table/JSONL column holding captions")
@@ -139,8 +146,14 @@ def add_shard_command(commands) -> None:
     shard.add_argument("--image-size", type=_bounded_int(1, 16384), default=256, help="target size in pixels")
     shard.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
                        help="keep_ratio: smaller side = size; center_crop: square crop; border: pad to a white square")
-    shard.add_argument("--samples-per-shard", type=_bounded_int(1), default=10000, help="samples per tar")
-    shard.add_argument("--workers", type=_bounded_int(1), default=default_workers(), help="decode processes")
+    shard.add_argument("--samples-per-shard", type=_bounded_int(1), default=10000,
+                       help="inputs per shard (img2dataset's number_sample_per_shard): a tar holds those written")
+    shard.add_argument("--workers", type=_bounded_int(1), default=default_workers(),
+                       help="decode processes (with --distributor ray and no --ray-address: the local cluster's CPUs)")
+    shard.add_argument("--distributor", choices=("local", "ray"), default="local",
+                       help="local: a process pool on this machine; ray: one Ray task per shard")
+    shard.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (as ray.init(address=...) takes it); default: start a local one")
     shard.add_argument("--max-pixels", type=_bounded_int(1), default=DEFAULT_MAX_PIXELS,
                        help="reject images with more pixels than this (checked from the header)")
     shard.add_argument("--jpeg-quality", type=_bounded_int(1, 100), default=95, help="JPEG quality of outputs")
@@ -256,7 +269,8 @@ def run_shard(args: argparse.Namespace) -> int:
         modality = MODALITIES.get(args.modality)
     except KeyError as error:
         raise UsageError(f"--modality: {error.args[0]}") from None
-    if args.input.is_dir() and args.out.resolve() == args.input.resolve():
+    local_out = isinstance(args.out, Path)
+    if args.input.is_dir() and local_out and args.out.resolve() == args.input.resolve():
         raise UsageError("--out must not be the INPUT folder itself")
     used_filters = [flag for flag, value in (("--min-words", args.min_words), ("--min-side", args.min_side),
                                              ("--max-aspect", args.max_aspect)) if value]
@@ -266,36 +280,55 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UsageError("--save-additional-columns reads table columns; INPUT is a folder")
     if args.url_column and args.input.is_dir():
         raise UsageError("--url-column reads a table column; INPUT is a folder")
-    spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out,
+    if args.ray_address and args.distributor != "ray":
+        raise UsageError("--ray-address is for --distributor ray")
+    spec = SourceSpec(args.input, args.path_column, args.caption_column, exclude=args.out if local_out else None,
                       record_suffixes=modality.record_suffixes, additional_columns=args.save_additional_columns,
                       url_column=args.url_column)
     kind, items = open_source(spec)  # validates INPUT and columns before touching --out
     job = _job_record(args)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the job in --out and --overwrite replaces it: pass one of them")
-    if args.resume and (args.out / MANIFEST_FILE).is_file():
-        _check_same_job(args.out, job)
+    store = open_store(args.out)
+    out = args.out if local_out else store
+    if args.resume and MANIFEST_FILE in store.names():
+        _check_same_job(store, job)
         print(f"clip-prep: {args.out} is already complete (manifest.json); nothing to do")
         return 0
-    if args.resume and args.out.is_dir() and any(args.out.iterdir()):
-        _check_same_job(args.out, job)
-        writer, skip = DatasetWriter.resumed(args.out, args.samples_per_shard)
-        print(f"clip-prep: resuming {args.out}: {len(writer.closed_shards)} complete shard(s) kept, "
-              f"{skip} inputs already accounted for", file=sys.stderr)
+    extra_columns = args.save_additional_columns or ()
+    if args.resume and store.names():
+        _check_same_job(store, job)
+        writer = DatasetWriter.resumed(out, args.samples_per_shard, extra_columns)
+        accounted = sum(stats.count for stats in writer.shards.values())
+        print(f"clip-prep: resuming {args.out}: {len(writer.shards)} complete shard(s) kept, "
+              f"{accounted} inputs already accounted for", file=sys.stderr)
     else:
-        prepare_output_dir(args.out, args.overwrite)
-        write_json_atomically(args.out / JOB_FILE, job)
-        writer, skip = DatasetWriter(args.out, args.samples_per_shard), 0
+        prepare_output_dir(out if local_out else store, args.overwrite)
+        write_json(store, JOB_FILE, job)
+        writer = DatasetWriter(out, args.samples_per_shard, extra_columns=extra_columns)
     manifest_fields = {"source_type": kind, "modality": modality.name, "options": _options_for_manifest(args)}
-    summary = run_pipeline(items, modality, modality.build_options(args), writer, args.workers, manifest_fields,
-                           threads=args.threads if args.url_column else 1, download_options=_download_options(args),
-                           skip=skip)
+    summary = _run(args, items, modality, writer, manifest_fields)
     print(summary.one_line())
     return 0
 
 
+def _run(args: argparse.Namespace, items, modality, writer: DatasetWriter, manifest_fields: dict):
+    """Every input through the chosen distributor into `writer`'s folder."""
+    options, threads = modality.build_options(args), args.threads if args.url_column else 1
+    if args.distributor == "ray":
+        from data_prep.ray_distributor import ShardJob, run_ray
+
+        out = args.out.absolute() if isinstance(args.out, Path) else writer.store
+        job = ShardJob(out, modality.encode, options, _download_options(args), writer.extra_columns,
+                       threads)
+        return run_ray(items, job, args.samples_per_shard, writer.shards, manifest_fields, args.ray_address,
+                       args.workers)
+    return run_pipeline(items, modality, options, writer, args.workers, manifest_fields, threads=threads,
+                        download_options=_download_options(args))
+
+
 # Options that change how fast a job runs but not what it writes: a resumed job may change them.
-_SPEED_OPTIONS = ("workers", "threads", "resume", "overwrite", "out")
+_SPEED_OPTIONS = ("workers", "threads", "resume", "overwrite", "out", "distributor", "ray_address")
 
 
 def _job_record(args: argparse.Namespace) -> dict:
@@ -304,17 +337,16 @@ def _job_record(args: argparse.Namespace) -> dict:
     return {"input": str(args.input.resolve()), "options": options}
 
 
-def _check_same_job(out_dir: Path, job: dict) -> None:
-    job_file = out_dir / JOB_FILE
-    if not job_file.is_file():
-        raise UsageError(f"--resume: {out_dir} holds no {JOB_FILE}, so it is not a clip-prep shard job to continue")
-    before = json.loads(job_file.read_text(encoding="utf-8"))
+def _check_same_job(store: Store, job: dict) -> None:
+    if JOB_FILE not in store.names():
+        raise UsageError(f"--resume: {store} holds no {JOB_FILE}, so it is not a clip-prep shard job to continue")
+    before = json.loads(store.read_bytes(JOB_FILE))
     job = json.loads(json.dumps(job))  # tuples as the lists the file holds
     if before != job:
         changed = sorted(k for k in {*before["options"], *job["options"]}
                          if before["options"].get(k) != job["options"].get(k))
         what = f"options {', '.join(changed)}" if changed else "INPUT"
-        raise UsageError(f"--resume: {what} differ from the job in {out_dir}; rerun it with the same command")
+        raise UsageError(f"--resume: {what} differ from the job in {store}; rerun it with the same command")
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
-"""Downloading remote media for `clip-prep shard --url-column`: one HTTP(S) GET per input, with a
+"""Fetching remote media for `clip-prep shard`: one HTTP(S) GET per input, with a
 timeout, retries with backoff, a redirect limit, a size limit, a user agent, and the publishers'
 opt-out headers respected (as img2dataset does by default).
 
 Every failure is a `Rejection` with a reason of its own (dns_error, connect_timeout, read_timeout,
 connection_error, http_status, too_many_redirects, too_large, truncated_download, opted_out), so
-that a dead link costs one line in rejects.jsonl, never the job.
+that a dead link costs one line in rejects.jsonl, never the job. Other URLs (s3://, gs://, file://,
+any protocol fsspec knows) are read through fsspec.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from data_prep.samples import Rejection
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 USER_AGENT = "clip-prep/0.1 (+https://github.com/; image-text dataset preparation)"
 RETRYABLE = ("dns_error", "connect_timeout", "read_timeout", "connection_error", "truncated_download")
+# Every reason a download can fail with: img2dataset counts these as "failed_to_download".
+DOWNLOAD_REASONS = frozenset(RETRYABLE + ("http_status", "too_many_redirects", "too_large", "opted_out", "invalid_url",
+                                          "missing_url", "download_error", "missing_file", "unsupported_url"))
 CHUNK_BYTES = 64 * 1024
 
 _local = threading.local()  # one requests.Session per thread: sessions are not thread-safe
@@ -125,3 +129,31 @@ def download(url: str, options: DownloadOptions) -> bytes | Rejection:
         time.sleep(options.backoff_s * 2**attempt)
         result = _fetch_once(url, options)
     return result
+
+
+def is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+def read_with_fsspec(url: str, max_bytes: int) -> bytes | Rejection:
+    """The bytes behind an fsspec URL (s3://, gs://, file://, ...); the protocol's package (s3fs,
+    gcsfs) must be installed, and its credentials are read the usual way (environment, config files)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as media:
+            data = media.read(max_bytes + 1)
+    except FileNotFoundError:
+        return Rejection("missing_file", f"no such object: {url}")
+    except ImportError as error:  # fsspec knows the protocol but its package is not installed
+        return Rejection("unsupported_url", f"{url}: {error}")
+    except Exception as error:  # a remote store's failure is this input's, not the job's
+        return Rejection("download_error", f"{type(error).__name__}: {error}")
+    if len(data) > max_bytes:
+        return Rejection("too_large", f"object over the {max_bytes}-byte limit")
+    return data
+
+
+def fetch(url: str, options: DownloadOptions) -> bytes | Rejection:
+    """An input's media from its URL: HTTP(S) with `download`, anything else through fsspec."""
+    return download(url, options) if is_http(url) else read_with_fsspec(url, options.max_bytes)

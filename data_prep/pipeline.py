@@ -33,11 +33,6 @@ class InputCounter:
     def __iter__(self) -> "InputCounter":
         return self
 
-    def skip(self, count: int) -> None:
-        """Pass over (and count) the first `count` items: a resumed job's kept shards hold them."""
-        for _ in itertools.islice(self._items, count):
-            self.count += 1
-
     def __next__(self) -> SourceItem:
         item = next(self._items)
         self.count += 1
@@ -53,9 +48,9 @@ def process_item(item: SourceItem, encode: Callable, options: Any,
     try:
         media = item.path
         if item.url is not None:
-            from data_prep.download import DownloadOptions, download
+            from data_prep.download import DownloadOptions, fetch
 
-            media = download(item.url, download_options or DownloadOptions())
+            media = fetch(item.url, download_options or DownloadOptions())
             if isinstance(media, Rejection):
                 return item, media
         return item, encode(media, item.caption, options)
@@ -103,6 +98,21 @@ def encode_in_order(
             yield from pool.imap(work, window, chunksize=CHUNK_SIZE)
 
 
+def record_fields(item: SourceItem) -> dict[str, Any]:
+    """What the source knows of an input, for its KEY.json or parquet row: url, caption, extra columns."""
+    fields = {"url": item.url} if item.url is not None else {}
+    return {**fields, "caption": item.caption, **(item.extra or {})}
+
+
+def write_result(writer, item: SourceItem, result: EncodeResult) -> None:
+    """One result into a DatasetWriter or ShardWriter."""
+    if isinstance(result, Rejection):
+        writer.reject(item.index, item.source, result, record_fields(item))
+    else:
+        origin = {"url": item.url} if item.url is not None else {}
+        writer.write(item.index, result.members, {"source": item.source, **origin, **result.metadata, **(item.extra or {})})
+
+
 def run_pipeline(
     items: Iterable[SourceItem],
     modality: Modality,
@@ -113,23 +123,19 @@ def run_pipeline(
     total: int | None = None,
     threads: int = 1,
     download_options: Any = None,
-    skip: int = 0,
 ) -> RunSummary:
     """Encode and write every item, then finish the dataset (sizes, manifest).
 
     Inputs are counted as they leave the source, independently of the writer's own
     counts, so the final check written + rejected == inputs catches a result lost on the way.
+    The inputs of shards a resumed job kept are counted and passed over.
     """
     counter = InputCounter(items)
-    counter.skip(skip)
+    done = set(writer.shards)
+    pending = (item for item in counter if writer.shard_of(item.index) not in done)
     work = functools.partial(process_item, encode=modality.encode, options=options, download_options=download_options)
-    results = encode_in_order(counter, work, workers, threads)
+    results = encode_in_order(pending, work, workers, threads)
     progress = tqdm(results, total=total, unit="sample", file=sys.stderr, disable=None, desc="clip-prep")
     for item, result in progress:
-        origin = {"url": item.url} if item.url is not None else {}
-        if isinstance(result, Rejection):
-            writer.reject(item.index, item.source, result, origin)
-        else:
-            writer.write(item.index, result.members,
-                         {"source": item.source, **origin, **result.metadata, **(item.extra or {})})
+        write_result(writer, item, result)
     return writer.finish(counter.count, manifest_fields)

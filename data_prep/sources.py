@@ -11,8 +11,9 @@ import csv
 import gzip
 import json
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -169,6 +170,20 @@ def _check_columns(spec: SourceSpec, present: list[str]) -> None:
             raise _missing_column_error(spec.input, column, flag, present)
 
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_media_url(url: str) -> bool:
+    """http(s), or a protocol fsspec can open (s3, gs, file, ...; its package may still be missing,
+    which each such input then reports)."""
+    scheme = _URL_SCHEME.match(url)
+    if scheme is None:
+        return False
+    import fsspec
+
+    return scheme.group(1).lower() in ("http", "https", *fsspec.available_protocols())
+
+
 def resolve_media_path(cell: str, base_folder: Path) -> Path:
     """Relative paths in a table are relative to the table's own folder, not the cwd."""
     path = Path(cell).expanduser()
@@ -196,8 +211,9 @@ def _url_item(index: int, record: dict, spec: SourceSpec, where: str) -> SourceI
     if not isinstance(url, str) or not url.strip():
         return SourceItem(index, where, None, None, Rejection("missing_url", f"{where}: no {spec.url_column!r} value"))
     url = url.strip()
-    if not url.lower().startswith(("http://", "https://")):
-        return SourceItem(index, url, None, None, Rejection("invalid_url", f"{where}: not an http(s) URL"), url=url)
+    if not is_media_url(url):
+        detail = f"{where}: neither an http(s) URL nor one of a protocol fsspec knows"
+        return SourceItem(index, url, None, None, Rejection("invalid_url", detail), url=url)
     if not (caption is None or isinstance(caption, str)):
         return SourceItem(index, url, None, None, Rejection("invalid_record", f"{where}: caption is not text"), url=url)
     return SourceItem(index, url, None, caption, extra=extra, url=url)
@@ -214,6 +230,8 @@ def _item_from_record(index: int, record: dict, spec: SourceSpec, where: str) ->
     if not isinstance(cell, str) or not (caption is None or isinstance(caption, str)):
         detail = f"{where}: {spec.path_column!r} and {spec.caption_column!r} must be strings"
         return SourceItem(index, str(cell), None, None, Rejection("invalid_record", detail))
+    if _URL_SCHEME.match(cell):  # s3://, gs://, file://...: read through fsspec like a --url-column URL
+        return _url_item(index, record, replace(spec, url_column=spec.path_column), where)
     extra = _additional_values(record, spec)
     return SourceItem(index, cell, resolve_media_path(cell, spec.input.parent), caption, extra=extra)
 

@@ -70,3 +70,20 @@ def decode_jpeg(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def output_files(out_dir: Path) -> dict[str, bytes]:
+    """Every file of a clip-prep output by name, as bytes, for comparing two runs: manifest.json
+    (its creation time) is left out and the timing fields of the shard stats are removed."""
+    from data_prep.writer import TIMING_FIELDS
+
+    files = {}
+    for path in sorted(out_dir.iterdir()):
+        if path.name == "manifest.json":
+            continue
+        data = path.read_bytes()
+        if path.name.endswith("_stats.json"):
+            stats = json.loads(data)
+            data = json.dumps({k: v for k, v in stats.items() if k not in TIMING_FIELDS}, indent=2).encode()
+        files[path.name] = data
+    return files

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from prep_fixtures import jpeg_bytes, read_json, run_cli
+from prep_fixtures import jpeg_bytes, output_files, read_json, run_cli
 
 ROWS = 120
 
@@ -54,8 +54,8 @@ def command(table, out, *extra):
 
 
 def outputs(out):
-    """Everything but the manifest's timestamp: shard bytes, stats, sizes, rejects, counts."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "manifest.json"}
+    """Everything but the timestamps: shard bytes, parquets, stats, sizes, rejects, counts."""
+    files = output_files(out)
     manifest = read_json(out / "manifest.json")
     return files, {k: manifest[k] for k in ("inputs", "written", "rejected", "rejected_by_reason", "shards")}
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ is a rootdir-less folder today; keep working if it becomes a package
-    from prep_fixtures import jpeg_bytes, png_bytes, read_json, read_rejects, read_shards, run_cli, write_pair
+    from prep_fixtures import (jpeg_bytes, output_files, png_bytes, read_json, read_rejects, read_shards, run_cli,
+                               write_pair)
 except ImportError:
-    from tests.prep_fixtures import jpeg_bytes, png_bytes, read_json, read_rejects, read_shards, run_cli, write_pair
+    from tests.prep_fixtures import (jpeg_bytes, output_files, png_bytes, read_json, read_rejects, read_shards,
+                                     run_cli, write_pair)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,9 +169,9 @@ def test_workers_do_not_change_the_output(tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
         assert run_cli("shard", tmp_path / "in", "--out", out, "--workers", workers, "--samples-per-shard", 4) == 0
-        outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "manifest.json"}
+        outputs[workers] = output_files(out)
     assert list(outputs[1]) == list(outputs[2])
-    assert outputs[1] == outputs[2]  # shards, stats, sizes and rejects byte for byte
+    assert outputs[1] == outputs[2]  # shards, parquets, stats (but their timing), sizes and rejects byte for byte
 
 
 def test_console_entry_point_prints_no_traceback(tmp_path):

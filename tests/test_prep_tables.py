@@ -112,3 +112,37 @@ def test_datacomp_basic_filters_reject_with_reasons(tmp_path):
 def test_an_aspect_ratio_under_one_is_a_usage_error(tmp_path, capsys):
     assert run_cli("shard", tmp_path, "--out", tmp_path / "out", "--max-aspect", "0.5") == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_shards_cover_fixed_input_ranges_with_img2dataset_stats_and_parquets(tmp_path):
+    """Shard N holds inputs [4N, 4N+4) whatever failed: a range with nothing written has stats
+    and a parquet but no tar; every input has a parquet row with its status."""
+    images = {i: jpeg_bytes(seed=i) for i in range(10)}
+    for i in (4, 5, 6, 7):
+        images[i] = b"not an image"
+    rows = [{"filepath": str(write_pair(tmp_path, f"img{i}.jpg", data, None)), "caption": f"caption {i}",
+             "rank": i} for i, data in images.items()]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert run_cli("shard", tmp_path / "pairs.jsonl", "--out", out, "--samples-per-shard", 4, "--workers", 1,
+                   "--save-additional-columns", "rank") == 0
+
+    assert read_json(out / "sizes.json") == {"00000.tar": 4, "00002.tar": 2}
+    assert not (out / "00001.tar").exists()
+    stats = read_json(out / "00001_stats.json")
+    assert {k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize", "status_dict")} == {
+        "count": 4, "successes": 0, "failed_to_download": 0, "failed_to_resize": 4,
+        "status_dict": {"success": 0, "not_an_image": 4}}
+    assert stats["duration"] >= 0 and stats["end_time"] >= stats["start_time"]
+    assert read_json(out / "00002_stats.json")["count"] == 2
+
+    table = pq.read_table(out / "00000.parquet").to_pylist() + pq.read_table(out / "00001.parquet").to_pylist()
+    assert [row["key"] for row in table] == [f"{i:012d}" for i in range(8)]
+    assert [row["status"] for row in table] == ["success"] * 4 + ["failed_to_resize"] * 4
+    import hashlib
+    assert [row["sha256"] for row in table[:4]] == [hashlib.sha256(images[i]).hexdigest() for i in range(4)]
+    assert {row["reason"] for row in table[4:]} == {"not_an_image"} and all(row["error_message"] for row in table[4:])
+    assert [row["caption"] for row in table] == [f"caption {i}" for i in range(8)]
+    assert [row["rank"] for row in table] == [str(i) for i in range(8)]  # additional columns as text
+    assert [(row["width"], row["height"]) for row in table[:4]] == [(24, 16)] * 4
+    assert [r["index"] for r in read_rejects(out)] == [4, 5, 6, 7]

@@ -94,7 +94,7 @@ CASES = {
 
 def write_table(tmp_path, base):
     rows = [{"url": base + path, "caption": f"row {i}", "rank": i} for i, path in enumerate(CASES)]
-    rows.append({"url": "ftp://127.0.0.1/x.jpg", "caption": "not http", "rank": len(rows)})
+    rows.append({"url": "nope://127.0.0.1/x.jpg", "caption": "no such protocol", "rank": len(rows)})
     rows.append({"url": "http://127.0.0.1:1/refused.jpg", "caption": "nobody listens", "rank": len(rows)})
     table = tmp_path / "urls.jsonl"
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -115,10 +115,14 @@ def test_every_url_is_written_or_rejected_with_its_reason(tmp_path, server, work
     assert all(meta["source"] == url and isinstance(meta["rank"], int) for url, meta in written.items())
     rejected = {r["url"]: r["reason"] for r in read_rejects(out)}
     expected = {server + p: reason for p, reason in CASES.items() if reason is not None}
-    expected.update({"ftp://127.0.0.1/x.jpg": "invalid_url", "http://127.0.0.1:1/refused.jpg": "connection_error"})
+    expected.update({"nope://127.0.0.1/x.jpg": "invalid_url", "http://127.0.0.1:1/refused.jpg": "connection_error"})
     assert rejected == expected
     manifest = read_json(out / "manifest.json")
     assert manifest["written"] + manifest["rejected"] == len(rows)
+    stats = [read_json(path) for path in sorted(out.glob("*_stats.json"))]  # img2dataset's split of failures
+    assert sum(s["failed_to_resize"] for s in stats) == 1  # the HTML page: it arrived, it is not an image
+    assert sum(s["failed_to_download"] for s in stats) == len(expected) - 1
+    assert sum(s["successes"] for s in stats) == len(expected_written)
 
 
 def test_opt_out_can_be_ignored_and_retries_are_needed_for_a_flaky_server(tmp_path, server):
