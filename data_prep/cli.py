@@ -22,6 +22,8 @@ benchmark into CLIP_benchmark's webdataset layout.
          | --from-shards DIR)
         [--path-column path --label-column label] [--classnames FILE] [--templates FILE]
         [--dataset-name NAME] [--samples-per-shard 1000] [--workers N] [--overwrite]
+    clip-prep dedup SHARDS --out DIR [--near-threshold BITS]        (see data_prep/curation_cli.py)
+    clip-prep balance SHARDS --metadata FILE --t N --out DIR [--seed S]
 
 A bad invocation prints one line, `clip-prep: error: ...`, and exits with status 2.
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data_prep import __version__
+from data_prep.curation_cli import add_balance_command, add_dedup_command
 from data_prep.audio import DEFAULT_SAMPLE_RATE, MAX_FLAC_SAMPLE_RATE  # importing registers "audio"
 from data_prep.ecg import DEFAULT_ECG_RATE, DEFAULT_ECG_SECONDS, ECG_DTYPES, LENGTH_POLICIES, STANDARD_LEADS
 from data_prep.images import DEFAULT_MAX_PIXELS, RESIZE_MODES  # importing it registers "image"
@@ -245,10 +248,13 @@ def add_benchmark_set_command(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="clip-prep", description="Turn local media + captions into webdataset shards.")
     parser.add_argument("--version", action="version", version=f"clip-prep {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{shard,demo,benchmark-set}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{shard,demo,benchmark-set,dedup,balance}")
     add_shard_command(commands)
     add_demo_command(commands)
     add_benchmark_set_command(commands)
+    add_dedup_command(commands)
+    add_balance_command(commands)
     return parser
 
 
