@@ -1,4 +1,5 @@
-"""``clip-train``: train from a YAML recipe, or ``clip-train export`` a checkpoint in open_clip format."""
+"""``clip-train``: train from a YAML recipe, ``clip-train export`` a checkpoint in open_clip format, or
+``clip-train plot`` the curves of one or several runs."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,8 @@ log = logging.getLogger("clip_train")
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-train", description="Train a CLIP-style dual encoder.",
-                                     epilog="Subcommand: clip-train export --run RUN [--checkpoint latest] [--out DIR]")
+                                     epilog="Subcommands: clip-train export --run RUN [--checkpoint latest] [--out DIR]; "
+                                            "clip-train plot RUN [RUN ...] [--out FILE]")
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
@@ -29,6 +31,26 @@ def _export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint directory")
     parser.add_argument("--out", help="output directory (default RUN/export)")
     return parser
+
+
+def _plot_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-train plot",
+                                     description="Draw loss, learning rate, logit scale and eval curves of runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each holds metrics.jsonl)")
+    parser.add_argument("--out", help="the PNG to write (default: RUN/curves.png for one run, curves.png for several)")
+    return parser
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    runs = [Path(run) for run in args.runs]
+    missing = [str(run) for run in runs if not (run / "metrics.jsonl").is_file()]
+    if missing:
+        raise ConfigError(f"no metrics.jsonl in {', '.join(missing)}: give run directories of clip-train")
+    from .plotting import plot_runs
+
+    out = Path(args.out) if args.out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    print(f"wrote {plot_runs(runs, out)}")
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -90,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     # open_clip logs its model-building chatter on the root logger; keep ours at INFO and the rest quieter.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clip_train").setLevel(logging.INFO)
-    exporting = bool(argv) and argv[0] == "export"
-    parser = _export_parser() if exporting else _train_parser()
+    command = argv[0] if argv and argv[0] in ("export", "plot") else "train"
+    parser = {"export": _export_parser, "plot": _plot_parser, "train": _train_parser}[command]()
     # Intermixed: overrides may come before or after the flags (clip-train --overwrite a=1 --resume latest b=2).
-    args = parser.parse_intermixed_args(argv[1:] if exporting else argv)
+    args = parser.parse_intermixed_args(argv if command == "train" else argv[1:])
     try:
-        return run_export(args) if exporting else run_train(args)
+        return {"export": run_export, "plot": run_plot, "train": run_train}[command](args)
     except ConfigError as err:  # before the heavy imports: a typo is reported in about a second
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -127,6 +127,21 @@ class EvalConfig:
     batch_size: int = option(256, "eval batch size")
 
 
+REPORT_TO = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # writer -> package it needs
+
+
+@dataclass
+class LogConfig:
+    report_to: list[str] = option(["jsonl"], "where metrics go: jsonl (RUN/metrics.jsonl, always on), tensorboard "
+                                             "(RUN/tensorboard), wandb (RUN/wandb); rank 0 writes")
+    wandb_project: str = option("clip-train", "wandb project")
+    wandb_name: str = option("", "wandb run name ('' : the output_dir's folder name)")
+    wandb_mode: str = option("offline", "wandb mode: offline (upload later with `wandb sync RUN/wandb/offline-run-*`), "
+                                        "online, or disabled")
+    progress: str = option("auto", "a tqdm progress bar: auto (when stdout is a terminal and there is one rank), "
+                                   "on, or off")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +153,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = option("runs/default", "run directory: metrics.jsonl, checkpoints/, export/")
 
     def validate(self) -> "Config":
@@ -169,6 +185,11 @@ class Config:
             (all(w >= 0 for w in self.objective.terms.values()), "objective.terms weights must be >= 0"),
             (not (self.ds.config_file and not Path(self.ds.config_file).is_file()),
              f"ds.config_file not found: {self.ds.config_file}"),
+            (set(self.log.report_to) <= set(REPORT_TO),
+             f"log.report_to={self.log.report_to}: use any of {', '.join(REPORT_TO)}"),
+            (self.log.wandb_mode in ("offline", "online", "disabled"),
+             f"log.wandb_mode={self.log.wandb_mode!r}: use offline, online or disabled"),
+            (self.log.progress in ("auto", "on", "off"), f"log.progress={self.log.progress!r}: use auto, on or off"),
             (not (self.eval.every and not (self.eval.zeroshot or self.eval.suite)),
              f"eval.every={self.eval.every} evaluates eval.zeroshot and eval.suite, neither of which is set: "
              f"set eval.zeroshot to a classification set, eval.suite to a suite file, or eval.every=0"),
@@ -176,7 +197,18 @@ class Config:
         for ok, message in rules:
             if not ok:
                 raise ConfigError(message)
+        self._check_writers_installed()
         return self
+
+    def _check_writers_installed(self) -> None:
+        """A writer asked for but not installed fails now, not at the first logged step."""
+        import importlib.util
+
+        for writer in self.log.report_to:
+            package = REPORT_TO[writer]
+            if package and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"log.report_to has {writer}, but the {package} package is not installed: "
+                                  f"pip install -e '.[tracking]' (or pip install {package})")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -193,6 +225,8 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         expected = next(c for c in choices if c is not type(None))
     if origin is dict or typing.get_origin(expected) is dict:
         return _coerce_mapping(value, expected, key)
+    if origin is list or typing.get_origin(expected) is list:
+        return _coerce_list(value, expected, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -201,6 +235,16 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
                                                     (expected is bool or not isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
     return value
+
+
+def _coerce_list(value: Any, expected: Any, key: str) -> list:
+    """A ``list[str]`` field such as ``log.report_to``: a YAML list, or one comma-separated string."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    (item_type,) = typing.get_args(expected)
+    return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
 
 
 def _coerce_mapping(value: Any, expected: Any, key: str) -> dict:

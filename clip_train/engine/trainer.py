@@ -29,6 +29,9 @@ from .ds_setup import after_skipped_step, build_ds_config, init_distributed, ini
 from .faults import first_line, is_collective_failure
 from .gradcache import gradcache_backward
 from .metrics_log import MetricsLog
+from .progress import Progress, wants_bar
+from .run_summary import write_summary
+from .tracking import build_trackers
 from .model_outputs import as_tuple, with_vector_logit_params
 from .optim import build_optimizer, warmup_cosine
 
@@ -72,11 +75,12 @@ class Trainer:
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         self._build_engine()
         self.step = self.epoch = self.step_in_epoch = 0
-        self.skipped_steps = self.nonfinite_streak = 0
+        self.skipped_steps = self.nonfinite_streak = self.skipped_samples = 0
+        self.progress: Progress | None = None
         self.stopping = False
         self._pending_rng: dict | None = None
         self.data_consumed: dict[int, int] = {}  # loader role -> raw samples it delivered this epoch
-        self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
+        self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main, total_steps=self.total_steps)
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -134,20 +138,63 @@ class Trainer:
     def train(self) -> dict:
         """Run until ``total_steps`` (or a stop signal); then save, export and evaluate."""
         log.info("training %d steps (%d per epoch, contrastive batch %d)", self.total_steps, self.steps_per_epoch,
-                 self.cfg.data.batch_size * self.cfg.train.accum_steps * self.env.world_size)
-        self.stop.install()
+                 self.contrastive_batch)
+        started, start_step = time.perf_counter(), self.step
+        self._start_watching()
         try:
-            while self.step < self.total_steps and not self.stopping:
-                self._run_epoch()
+            self.stop.install()
+            try:
+                while self.step < self.total_steps and not self.stopping:
+                    self._run_epoch()
+            finally:
+                self.stop.uninstall()
+            self.stopping = self.stop.finish() or self.stopping
+            if self.stopping:
+                self.save()
+                log.warning("stopped by signal %d at step %d; checkpoint saved, continue with --resume latest",
+                            self.stop.signal, self.step)
+                return {}
+            train_time = time.perf_counter() - started
+            results = self.finish()
+            self._write_run_report(start_step, train_time, time.perf_counter() - started)
+            return results
         finally:
-            self.stop.uninstall()
-        self.stopping = self.stop.finish() or self.stopping
-        if self.stopping:
-            self.save()
-            log.warning("stopped by signal %d at step %d; checkpoint saved, continue with --resume latest",
-                        self.stop.signal, self.step)
-            return {}
-        return self.finish()
+            self._stop_watching()
+
+    @property
+    def contrastive_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.accum_steps * self.env.world_size
+
+    def _start_watching(self) -> None:
+        """The progress bar and the trackers of log.report_to, on rank 0."""
+        bar = self.env.is_main and wants_bar(self.cfg.log.progress, self.env.world_size)
+        self.progress = Progress(self.total_steps, self.step, bar)
+        self.metrics.printer = self.progress.write
+        if self.env.is_main:
+            self.metrics.trackers = build_trackers(self.cfg, self.run_dir)
+
+    def _stop_watching(self) -> None:
+        self.metrics.close()
+        if self.progress is not None:
+            self.progress.close()
+
+    def _write_run_report(self, start_step: int, train_time: float, wall_time: float) -> None:
+        """RUN/summary.json and RUN/curves.png: side products, so a failure is logged, never raised."""
+        if not self.env.is_main:
+            return
+        steps = self.step - start_step
+        totals = {"steps": self.step, "total_steps": self.total_steps, "epochs": self.epoch,
+                  "resumed_from_step": start_step, "contrastive_batch": self.contrastive_batch,
+                  "train_time_s": train_time, "wall_time_s": wall_time,
+                  "mean_samples_per_s": steps * self.contrastive_batch / train_time if train_time > 0 else 0.0,
+                  "skipped_samples": self.skipped_samples, "skipped_steps": self.skipped_steps}
+        try:
+            write_summary(self.run_dir, totals)
+            from ..plotting import plot_runs
+
+            plot_runs([self.run_dir], self.run_dir / "curves.png")
+        except Exception as err:  # noqa: BLE001 - the run itself is complete and saved
+            log.error("could not write the run summary or curves: %s: %s", type(err).__name__, first_line(err))
 
     def _run_epoch(self) -> None:
         accum = self.cfg.train.accum_steps
@@ -173,8 +220,12 @@ class Trainer:
     def _after_step(self, metrics: dict) -> None:
         """Log, then checkpoint, then evaluate: a failing eval must never cost the checkpoint."""
         every_steps = self.cfg.checkpoint.every_steps
+        self.skipped_samples += metrics.get("skipped", 0)
+        if self.progress is not None:
+            self.progress.step_done()
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps or metrics.get("skipped_step"):
-            self.metrics.write({"step": self.step, "epoch": self.epoch, **self._host_metrics(metrics)})
+            timing = self.progress.fields(self.step) if self.progress is not None else {}
+            self.metrics.write({"step": self.step, "epoch": self.epoch, **self._host_metrics(metrics), **timing})
         if every_steps and self.step % every_steps == 0 and not metrics.get("skipped_step"):
             self.save()
         if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
@@ -337,7 +388,7 @@ class Trainer:
                     zeroshot_path=cfg.zeroshot or None,
                     retrieval_path=(cfg.retrieval or None) if retrieval else None,
                     device=self.device, batch_size=cfg.batch_size, workers=self.data.workers,
-                    signal_dtype=signal_dtype)
+                    signal_dtype=signal_dtype, progress=self.progress is not None and self.progress.bar is not None)
                 if cfg.suite:
                     from ..eval.suite import run_training_suite
 
@@ -375,7 +426,7 @@ class Trainer:
         _barrier()
         # Under one key of our own: DeepSpeed keeps keys such as "skipped_steps" for itself.
         client_state = {"clip_train": {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                                       "skipped_steps": self.skipped_steps}}
+                                       "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples}}
         self.engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, client_state=client_state, save_latest=False)
         ckpt.write_rank_state(tmp, self.env.rank, {"epoch": self.epoch, "roles": self.data.roles,
                                                    "consumed": dict(self.data_consumed)})
@@ -395,6 +446,7 @@ class Trainer:
         position = client_state["clip_train"]
         self.step, self.epoch = position["step"], position["epoch"]
         self.step_in_epoch, self.skipped_steps = position["step_in_epoch"], position["skipped_steps"]
+        self.skipped_samples = position.get("skipped_samples", 0)  # not in checkpoints of earlier versions
         self._pending_rng = ckpt.read_rank_state(path, self.env.rank)
         self.data_consumed = self._resumed_data_position(self._pending_rng.get("data_position"))
         if self.step_in_epoch >= self.steps_per_epoch:  # saved on an epoch's last step: start the next one

@@ -18,6 +18,7 @@ import torch
 from clip_train.eval.datasets import (
     DEFAULT_TEMPLATES,
     DatasetRequest,
+    batch_progress,
     build_classification_set,
     build_retrieval_set,
     make_loader,
@@ -210,6 +211,7 @@ def run_training_eval(
     workers=0,
     signal_dtype=None,
     multilabel_path=None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate a model being trained; returns e.g. {"zeroshot/acc1": ..., "retrieval/
     image_retrieval_recall@1": ..., "multilabel/macro_auroc": ...}. Metrics that are undefined
@@ -233,8 +235,9 @@ def run_training_eval(
                     continue
                 task = TRAINING_TASKS[prefix]
                 resolved = resolve_collectively(EVAL_TASKS.get(task), path)
-                task_metrics = run_task(task, model, preprocess, tokenizer, resolved, batch_size, workers, device,
-                                        signal_dtype=signal_dtype)
+                with batch_progress(f"eval {prefix}" if progress else None):
+                    task_metrics = run_task(task, model, preprocess, tokenizer, resolved, batch_size, workers,
+                                            device, signal_dtype=signal_dtype)
                 results.update({f"{prefix}/{k}": v for k, v in task_metrics.items() if v is not None})
     finally:
         model.train(was_training)

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from clip_train.eval import DatasetRequest, EVAL_TASKS, EvalError, evaluate, resolve_device
+from clip_train.eval.datasets import batch_progress
 from clip_train.eval.sharding import is_main_rank
 
 PROG = "clip-eval"
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a known dataset (imagenet1k, cifar10, ...): its shipped class names and prompts")
     parser.add_argument("--labels", default=None, help="labels file of a flat image folder (ImageNet val)")
     parser.add_argument("--images", default=None, help="image folder of a Karpathy JSON (default: its folder)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_data_options(parser)
     return parser
 
@@ -162,9 +164,10 @@ def run_single(argv) -> int:
         if default_task(args.dataset_name) != "zeroshot_retrieval":
             classification_metadata(args.dataset_name)  # an unknown name fails here, listing the known ones
     _start_process_group()
-    result = evaluate(args.model, request, args.task, pretrained=(args.pretrained or [None])[0],
-                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
-                      **(_task_options(args) if args.task == "linear_probe" else {}))
+    with batch_progress(f"{Path(args.dataset).name} {args.task}" if args.progress and is_main_rank() else None):
+        result = evaluate(args.model, request, args.task, pretrained=(args.pretrained or [None])[0],
+                          batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+                          **(_task_options(args) if args.task == "linear_probe" else {}))
     if is_main_rank():
         _write_json(Path(args.output), result)
         print(format_metrics(result))

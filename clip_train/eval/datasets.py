@@ -485,7 +485,7 @@ def batches(loader):
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=description, unit="batch", leave=False)
+    return tqdm(loader, desc=description, unit="batch", leave=False, disable=None)  # None: off unless a terminal
 
 
 def make_loader(dataset, batch_size: int, workers: int = 0) -> DataLoader:
