@@ -14,8 +14,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from clip_train.registry import Registry
 from data_prep.samples import Rejection, SourceItem
@@ -93,14 +94,43 @@ def _is_inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and (path == folder or folder in path.parents)
 
 
-def list_folder_files(root: Path, exclude: Path | None) -> list[Path]:
-    """All regular files under root, sorted by relative path so the order is reproducible."""
+def _entry_order(entry: os.DirEntry) -> str:
+    """Sort key that makes a depth-first walk visit files in the order of their sorted relative
+    paths: a folder sorts as NAME/, so "a.txt" (.) comes before "a/x" (/) as in a global sort."""
+    return entry.name + "/" if entry.is_dir() else entry.name
+
+
+def folder_files(root: Path, exclude: Path | None, per_folder: Callable[[list[Path]], Any] = list
+                 ) -> Iterator[tuple[Path, Any]]:
+    """Every file under root in sorted relative-path order, each with ``per_folder(files of its
+    folder)``, computed once per folder (its captions and record companions are there).
+
+    Lazy: only the folders on the current path are listed in memory, so a tree of millions of
+    files starts sharding at once. Like os.walk, symlinks to folders are not followed.
+    """
     exclude = exclude.resolve() if exclude is not None else None
-    found = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not _is_inside((Path(folder) / d).resolve(), exclude)]
-        found.extend(Path(folder) / name for name in files)
-    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+    stack = [_listing(root, per_folder)]
+    while stack:
+        context, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+        elif not isinstance(entry, os.DirEntry):
+            yield entry, context
+        elif not entry.is_symlink() and not _is_inside(Path(entry.path).resolve(), exclude):
+            stack.append(_listing(Path(entry.path), per_folder))
+
+
+def _listing(folder: Path, per_folder) -> tuple[Any, Iterator]:
+    """(per_folder of the folder's files, its entries in walk order: file Paths, subfolder DirEntries)."""
+    entries = sorted(os.scandir(folder), key=_entry_order)
+    files = [Path(entry.path) for entry in entries if not entry.is_dir()]
+    return per_folder(files), iter(entry if entry.is_dir() else Path(entry.path) for entry in entries)
+
+
+def list_folder_files(root: Path, exclude: Path | None) -> list[Path]:
+    """All regular files under root, sorted by relative path (the order folder_source reads)."""
+    return [path for path, _ in folder_files(root, exclude)]
 
 
 def read_sidecar_caption(path: Path) -> str:
@@ -120,12 +150,23 @@ def folder_source(spec: SourceSpec) -> Iterator[SourceItem]:
     (ECG: ".hea"), files sharing the stem of such a record header are its companions
     (WFDB's .dat signal file, annotations) and are read with it, not counted as inputs.
     """
-    files = list_folder_files(spec.input, spec.exclude)
+    return _folder_items(_folder_inputs(spec))
+
+
+def _folder_inputs(spec: SourceSpec) -> Iterator[tuple[Path, Path | None]]:
+    """(input, its caption file or None), in sorted relative-path order."""
+    for path, (inputs, captions) in folder_files(spec.input, spec.exclude, partial(_folder_roles, spec)):
+        if path in inputs:
+            yield path, captions.get(path.with_suffix(""))
+
+
+def _folder_roles(spec: SourceSpec, files: list[Path]) -> tuple[set[Path], dict[Path, Path]]:
+    """A folder's inputs (media files, and captions with no media file) and its captions by stem."""
     files = drop_record_companions(files, spec.record_suffixes)
     captions = {path.with_suffix(""): path for path in files if _is_caption_file(path)}
     media_stems = {path.with_suffix("") for path in files if not _is_caption_file(path)}
-    inputs = [path for path in files if not _is_caption_file(path) or path.with_suffix("") not in media_stems]
-    return _folder_items(inputs, captions)
+    inputs = {path for path in files if not _is_caption_file(path) or path.with_suffix("") not in media_stems}
+    return inputs, captions
 
 
 def drop_record_companions(files: list[Path], record_suffixes: tuple[str, ...]) -> list[Path]:
@@ -137,13 +178,12 @@ def drop_record_companions(files: list[Path], record_suffixes: tuple[str, ...]) 
             if path.suffix.lower() in suffixes or _is_caption_file(path) or path.with_suffix("") not in record_stems]
 
 
-def _folder_items(inputs: list[Path], captions: dict[Path, Path]) -> Iterator[SourceItem]:
-    for index, path in enumerate(inputs):
+def _folder_items(inputs: Iterator[tuple[Path, Path | None]]) -> Iterator[SourceItem]:
+    for index, (path, caption_path) in enumerate(inputs):
         if _is_caption_file(path):
             orphan = Rejection("missing_image", "caption file with no media file of the same stem")
             yield SourceItem(index, str(path), path, None, orphan)
             continue
-        caption_path = captions.get(path.with_suffix(""))
         try:
             caption = read_sidecar_caption(caption_path) if caption_path is not None else None
         except (OSError, UnicodeDecodeError) as error:
