@@ -65,10 +65,11 @@ def _tiled(loss_cfg) -> dict:
 
 @register("contrastive")
 def _contrastive(x: TermInputs, cfg, loss_cfg):
+    # loss.backend (auto | torch | triton, see losses/backend.py): only these two terms have fused kernels.
+    kw = dict(_tiled(loss_cfg), backend=loss_cfg.backend)
     if loss_cfg.kind == "sigmoid":
-        return sigmoid_contrastive_loss(x.image_features, x.text_features, x.logit_scale, x.logit_bias,
-                                        **_tiled(loss_cfg))
-    return softmax_contrastive_loss(x.image_features, x.text_features, x.logit_scale, **_tiled(loss_cfg))
+        return sigmoid_contrastive_loss(x.image_features, x.text_features, x.logit_scale, x.logit_bias, **kw)
+    return softmax_contrastive_loss(x.image_features, x.text_features, x.logit_scale, **kw)
 
 
 @register("caption", CAPTION)

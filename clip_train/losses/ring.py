@@ -42,6 +42,15 @@ each tensor's bytes padded to a multiple of 8 so it can be viewed back in place)
 number of collectives does not grow with the number of tensors or dtypes.  Works on any
 process group (``group``), with collectives that gloo and NCCL both provide (tested on gloo).
 Nothing here reads a device tensor on the host, except the one-off size exchange.
+
+CUDA streams: no side stream is needed for the overlap.  With NCCL every ``isend`` / ``irecv`` /
+collective runs on the process group's own communication stream, which first waits (an event) for
+the work already queued on the current stream, and ``Work.wait()`` makes the *current stream*
+wait for the transfer's event without blocking the host (c10d ``ProcessGroupNCCL``:
+``WorkNCCL::synchronizeStream``).  So the block transfer posted before ``step`` runs on the NCCL
+stream while ``step``'s kernels (torch or Triton) run on the compute stream, and ``_wait`` only
+orders the next step after the transfer; ProcessGroupNCCL also keeps the sent tensors alive until
+the transfer ends.  gloo on CPU has no streams; there ``_wait`` blocks the host.
 """
 from __future__ import annotations
 

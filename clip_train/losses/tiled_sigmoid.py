@@ -23,15 +23,16 @@ Peak extra memory ``O(T^2 + b D)``.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from functools import partial
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, ring_loop
 from .tiled_softmax import (
-    acc_mm, check_inputs, exchange_row_bytes, logit_sums, metrics_from_sums, rowwise_dot, scalar_on_device,
-    scaled_logits, stat_dtype, tile_ranges,
+    acc_mm, check_inputs, exchange_row_bytes, logit_sums, metrics_from_sums, resolve_tiles, rowwise_dot,
+    scalar_on_device, scaled_logits, stat_dtype, tile_ranges,
 )
 
 
@@ -58,25 +59,34 @@ def _grad_tiles(a, b, s, t, c, ga_u, gb_u, sig_sum, tile):
             acc_mm(gb_u[j0:j1], P.T, ai, c)
 
 
+def _sigmoid_tiles(backend: str, tile: int):
+    if backend == "triton":
+        from . import triton_tiles  # imported on first use: see backend.py
+
+        return triton_tiles.sigmoid_softplus_tiles, triton_tiles.sigmoid_grad_tiles
+    return partial(_softplus_tiles, tile=tile), partial(_grad_tiles, tile=tile)
+
+
 class _TiledSigmoid(torch.autograd.Function):
     """Returns ``(loss_r, metric sums)``; see the module docstring for the maths."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, tile: int, ring: Ring):
+    def forward(ctx, a, b, scale, bias, tiles, ring: Ring):
+        # tiles = (softplus_tiles, grad_tiles): the torch loops above or triton_tiles' kernels.
         st = stat_dtype(a.dtype)
         s, t = scalar_on_device(scale, st), scalar_on_device(bias, st)
         total = torch.zeros((), dtype=st, device=a.device)
         b_sum = torch.zeros(a.shape[1], dtype=st, device=a.device)
 
         def step(q, blk, _acc):
-            _softplus_tiles(a, blk[0], s, t, total, tile)
+            tiles[0](a, blk[0], s, t, total)
             b_sum.add_(blk[0].sum(0, dtype=st))
 
         ring_loop(ring, [b], [], step)
         diag = s * rowwise_dot(a, b, st) + t
         loss = (total - diag.sum()) * (ring.world / ring.total)
         ctx.save_for_backward(a, b, scale, bias)
-        ctx.tile, ctx.ring = tile, ring
+        ctx.tiles, ctx.ring = tiles, ring
         # Metric sums include the bias: logits are S + t (n_r * B * t over all pairs).
         sums = logit_sums(a, b_sum, diag - t, s, ring.total)
         n = a.shape[0]
@@ -95,7 +105,7 @@ class _TiledSigmoid(torch.autograd.Function):
         sig_sum = torch.zeros((), dtype=st, device=a.device)
 
         def step(q, blk, acc_q):
-            _grad_tiles(a, blk[0], s, t, c, ga_u, acc_q[0], sig_sum, ctx.tile)
+            ctx.tiles[1](a, blk[0], s, t, c, ga_u, acc_q[0], sig_sum)
 
         (gb_u,) = ring_loop(ring, [b], [gb_u], step, merge=["sum"])
         # Diagonal: dL_r/dS_ii gets an extra -c (the positive pair's label).
@@ -115,22 +125,23 @@ def sigmoid_contrastive_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     *,
-    tile_size: int = 1024,
+    tile_size: Optional[int] = None,
     group=None,
     exchange: str = "auto",
     exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """SigLIP loss over the global batch, tiled and (if distributed) exchanged.
 
-    Same conventions (and ``exchange`` / ``exchange_memory_mb``) as
+    Same conventions (and ``exchange`` / ``exchange_memory_mb`` / ``backend`` / ``tile_size``) as
     :func:`softmax_contrastive_loss`; ``logit_bias`` is the learnable bias ``t``.  Returns
     ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})`` where the logit means include
     the bias.
     """
+    backend, tile_size = resolve_tiles(backend, tile_size, image_features)
     check_inputs(image_features, text_features, tile_size, logit_scale, logit_bias)
     ring = make_ring(image_features.shape[0], image_features.device, group, exchange=exchange,
                      row_bytes=exchange_row_bytes(image_features, 0, 0), memory_mb=exchange_memory_mb)
-    loss, sums = _TiledSigmoid.apply(
-        image_features, text_features, logit_scale, logit_bias, int(tile_size), ring
-    )
+    tiles = _sigmoid_tiles(backend, int(tile_size))
+    loss, sums = _TiledSigmoid.apply(image_features, text_features, logit_scale, logit_bias, tiles, ring)
     return loss, metrics_from_sums(loss, sums)

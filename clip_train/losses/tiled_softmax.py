@@ -39,10 +39,12 @@ tiled term (sigmoid, DCL / HN-NCE, NT-Xent, uniformity) shares this mechanism.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from functools import partial
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .backend import default_tile_size, resolve_backend
 from .ring import DEFAULT_EXCHANGE_MEMORY_MB, Ring, make_ring, pass_row_bytes, ring_loop
 
 
@@ -137,7 +139,8 @@ class _TiledSoftmax(torch.autograd.Function):
     """Returns ``(loss_r, metric sums)``; see the module docstring for the maths."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, tile: int, ring: Ring):
+    def forward(ctx, a, b, scale, tiles, ring: Ring):
+        # tiles = (lse_tiles, grad_tiles): the torch loops below or triton_tiles' kernels.
         st = stat_dtype(a.dtype)
         s = scalar_on_device(scale, st)
         row_lse = torch.full((a.shape[0],), float("-inf"), dtype=st, device=a.device)
@@ -145,7 +148,7 @@ class _TiledSoftmax(torch.autograd.Function):
         b_sum = torch.zeros(a.shape[1], dtype=st, device=a.device)
 
         def step(q, blk, acc_q):
-            _lse_tiles(a, blk[0], s, row_lse, acc_q[0], tile)
+            tiles[0](a, blk[0], s, row_lse, acc_q[0])
             b_sum.add_(blk[0].sum(0, dtype=st))
 
         (col_lse,) = ring_loop(ring, [b], [col_lse], step, merge=["logaddexp"])
@@ -153,7 +156,7 @@ class _TiledSoftmax(torch.autograd.Function):
         loss = (row_lse - diag).sum() + (col_lse - diag).sum()
         loss = loss * (ring.world / (2.0 * ring.total))
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.tile, ctx.ring = tile, ring
+        ctx.tiles, ctx.ring = tiles, ring
         sums = logit_sums(a, b_sum, diag, s, ring.total)
         ctx.mark_non_differentiable(sums)
         return loss, sums
@@ -170,7 +173,7 @@ class _TiledSoftmax(torch.autograd.Function):
         gb_u = torch.zeros(b.shape, dtype=st, device=a.device)
 
         def step(q, blk, acc_q):
-            _grad_tiles(a, blk[0], s, row_lse, blk[1], c[ring.rank], c[q], ga_u, acc_q[0], ctx.tile)
+            ctx.tiles[1](a, blk[0], s, row_lse, blk[1], c[ring.rank], c[q], ga_u, acc_q[0])
 
         (gb_u,) = ring_loop(ring, [b, col_lse], [gb_u], step, merge=["sum"])
         # Diagonal: dL_r/dS_ii = -2 c_r (the positive appears in both directions).
@@ -181,6 +184,21 @@ class _TiledSoftmax(torch.autograd.Function):
         gs = torch.vdot(a.to(st).flatten(), ga_u.flatten())
         ga, gb = ga_u.mul_(s), gb_u.mul_(s)
         return ga.to(a.dtype), gb.to(b.dtype), gs.to(scale.dtype).reshape(scale.shape), None, None
+
+
+def resolve_tiles(backend: str, tile_size: Optional[int], a: torch.Tensor) -> tuple[str, int]:
+    """``(backend, tile)`` resolved for features ``a``: see ``backend.py`` (the tile edge only
+    matters to the torch backend; ``None`` picks :func:`backend.default_tile_size`)."""
+    tile = default_tile_size(a.device, a.shape[-1], a.dtype) if tile_size is None else tile_size
+    return resolve_backend(backend, a), tile
+
+
+def _softmax_tiles(backend: str, tile: int):
+    if backend == "triton":
+        from . import triton_tiles  # imported on first use: see backend.py
+
+        return triton_tiles.softmax_lse_tiles, triton_tiles.softmax_grad_tiles
+    return partial(_lse_tiles, tile=tile), partial(_grad_tiles, tile=tile)
 
 
 def exchange_row_bytes(a: torch.Tensor, n_col_stats: int = 1, n_back_stats: int = 1) -> int:
@@ -210,10 +228,11 @@ def softmax_contrastive_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     *,
-    tile_size: int = 1024,
+    tile_size: Optional[int] = None,
     group=None,
     exchange: str = "auto",
     exchange_memory_mb: float = DEFAULT_EXCHANGE_MEMORY_MB,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Symmetric InfoNCE over the global batch, tiled and (if distributed) exchanged.
 
@@ -223,11 +242,15 @@ def softmax_contrastive_loss(
     ``local_loss=True, gather_with_grad=True``).  Per-rank batch sizes may differ.
     ``exchange`` (``ring``, ``allgather`` or ``auto``: allgather when its buffers fit
     ``exchange_memory_mb`` MiB) only changes how blocks travel between ranks, not the
-    result; see ``ring.py``.
+    result; see ``ring.py``.  ``backend`` (``auto``, ``torch``, ``triton``) picks who computes
+    each block pair, ``tile_size`` the torch backend's tile edge (``None``: per device); see
+    ``backend.py``.
     Returns ``(loss, {"loss", "pos_logit_mean", "neg_logit_mean"})``.
     """
+    backend, tile_size = resolve_tiles(backend, tile_size, image_features)
     check_inputs(image_features, text_features, tile_size, logit_scale)
     ring = make_ring(image_features.shape[0], image_features.device, group, exchange=exchange,
                      row_bytes=exchange_row_bytes(image_features), memory_mb=exchange_memory_mb)
-    loss, sums = _TiledSoftmax.apply(image_features, text_features, logit_scale, int(tile_size), ring)
+    tiles = _softmax_tiles(backend, int(tile_size))
+    loss, sums = _TiledSoftmax.apply(image_features, text_features, logit_scale, tiles, ring)
     return loss, metrics_from_sums(loss, sums)
