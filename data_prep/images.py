@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from data_prep.samples import (
     MODALITIES,
@@ -27,6 +27,9 @@ from data_prep.samples import (
 )
 
 RESIZE_MODES = ("keep_ratio", "center_crop", "border")
+# Shrinking filters: Lanczos (sharpest) or area averaging (PIL's BOX: what img2dataset's default,
+# cv2.INTER_AREA, computes; about 3x faster than Lanczos). Enlarging is always bicubic.
+DOWNSCALE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX}
 # Same default as PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
 # img2dataset's "border" mode pads with white; we do the same so outputs match.
@@ -59,11 +62,12 @@ class ImageOptions:
     min_words: int = 0
     min_side: int = 0
     max_aspect: float = 0.0
+    downscale_filter: str = "lanczos"
 
     @classmethod
     def from_args(cls, args: Any) -> "ImageOptions":
         return cls(args.image_size, args.resize_mode, args.max_pixels, args.jpeg_quality,
-                   args.min_words, args.min_side, args.max_aspect)
+                   args.min_words, args.min_side, args.max_aspect, args.downscale_filter)
 
 
 def basic_filter(caption: str, width: int, height: int, options: ImageOptions) -> Rejection | None:
@@ -144,8 +148,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image | Rejection:
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block leaves pixels as stored."""
+    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block leaves pixels as stored.
+
+    An image that needs no turn is returned as it is: `exif_transpose` would copy it whole (a
+    tenth of the time an image takes), and nothing downstream changes it in place."""
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:
         return image
@@ -181,7 +190,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND)
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def resized_dimensions(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
@@ -194,15 +203,15 @@ def resized_dimensions(width: int, height: int, size: int, mode: str) -> tuple[i
     return max(1, round(width * size / height)), size
 
 
-def resize_image(image: Image.Image, size: int, mode: str) -> Image.Image:
+def resize_image(image: Image.Image, size: int, mode: str, downscale_filter: str = "lanczos") -> Image.Image:
     """Resize an RGB image the way img2dataset's resize modes do."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
     new_width, new_height = resized_dimensions(*image.size, size, mode)
     if (new_width, new_height) != image.size:
         shrinking = new_width < image.width
-        # Lanczos keeps detail when shrinking; bicubic gives smooth upscales without ringing.
-        resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
+        # Lanczos or area keep detail when shrinking; bicubic gives smooth upscales without ringing.
+        resample = DOWNSCALE_FILTERS[downscale_filter] if shrinking else Image.Resampling.BICUBIC
         image = image.resize((new_width, new_height), resample, reducing_gap=3.0 if shrinking else None)
     if mode == "center_crop":
         left, top = (new_width - size) // 2, (new_height - size) // 2
@@ -242,7 +251,7 @@ def encode_image_sample(path_or_bytes: MediaInput, caption: str | None, options:
         return filtered
     try:
         rgb = to_rgb(upright)
-        jpeg = encode_jpeg(resize_image(rgb, options.image_size, options.resize_mode), options.jpeg_quality)
+        jpeg = encode_jpeg(resize_image(rgb, options.image_size, options.resize_mode, options.downscale_filter), options.jpeg_quality)
     except Exception as error:  # e.g. a colour mode PIL cannot convert (LAB, HSV)
         return Rejection("unconvertible_image", f"{upright.mode} image: {type(error).__name__}: {error}")
     metadata = {

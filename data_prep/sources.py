@@ -385,7 +385,13 @@ def _parquet_items(spec: SourceSpec, table) -> Iterator[SourceItem]:
     media = spec.url_column or spec.path_column
     columns = list(dict.fromkeys([media, spec.caption_column, *spec.additional_columns]))
     index = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-        for record in batch.to_pylist():
-            yield _item_from_record(index, record, spec, f"{spec.input.name}:row {index}")
-            index += 1
+    # use_threads=False: the job is parallel over processes already, and Arrow's thread pool, still
+    # running at interpreter exit, can abort a finished job ("terminate called without an active
+    # exception", apache/arrow#34314).
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, use_threads=False):
+            for record in batch.to_pylist():
+                yield _item_from_record(index, record, spec, f"{spec.input.name}:row {index}")
+                index += 1
+    finally:
+        table.close()

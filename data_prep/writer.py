@@ -341,8 +341,10 @@ def _write_rejects(store: Store, shards: Iterable[int]) -> None:
     columns = ["key", "status", "reason", "error_message", "source", "url"]
     with open(partial, "w", encoding="utf-8") as rejects:
         for index in shards:
-            with store.open(parquet_name(index)) as parquet:
-                rows = pq.read_table(parquet, columns=columns).to_pylist()
+            # ParquetFile, not read_table: read_table's dataset scanner leaves threads that can abort the
+            # process at exit ("terminate called without an active exception", apache/arrow#34314).
+            with store.open(parquet_name(index)) as parquet, pq.ParquetFile(parquet) as table:
+                rows = table.read(columns=columns, use_threads=False).to_pylist()
             for row in rows:
                 if row["status"] == SUCCESS:
                     continue

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from data_prep.images import ImageOptions, decode_image, encode_image_sample
+from data_prep.images import ImageOptions, decode_image, encode_image_sample, resize_image
 from data_prep.samples import Encoded, Rejection
 
 try:  # tests/ is a rootdir-less folder today; keep working if it becomes a package
@@ -172,6 +172,19 @@ def test_resize_modes(mode, expected_size):
         assert np.all(pixels[:3] > 230) and np.all(pixels[-3:] > 230)
         assert pixels[5:11].mean() < 200  # the (mid-grey on average) content is in the middle
     assert (result.metadata["width"], result.metadata["height"]) == (40, 20)
+
+
+def test_area_downscaling_is_the_mean_of_each_source_block():
+    # A 4x4 checkerboard of black and white pixels shrunk 4x: area averaging gives mid-grey
+    # everywhere (cv2.INTER_AREA, img2dataset's default, computes the same), Lanczos does not.
+    board = np.indices((64, 64)).sum(axis=0) % 2 * 255
+    source = Image.fromarray(np.stack([board] * 3, axis=-1).astype(np.uint8))
+    area = np.asarray(resize_image(source, 16, "keep_ratio", "area"), dtype=float)
+    lanczos = np.asarray(resize_image(source, 16, "keep_ratio", "lanczos"), dtype=float)
+    assert np.abs(area - 127.5).max() <= 1
+    assert not np.array_equal(area, lanczos)
+    with pytest.raises(KeyError):
+        resize_image(source, 16, "keep_ratio", "nearest")
 
 
 def test_upscaling_keeps_smaller_side_exact():
