@@ -61,7 +61,8 @@ def launch_parser() -> _Parser:
     parser.add_argument("--exclude", default="", help="deepspeed resource spec of hosts/slots to leave out")
     parser.add_argument("--master-addr", help="address of rank 0 (default: the first host)")
     parser.add_argument("--master-port", type=_port, default=29500, help="rendezvous port (default 29500)")
-    parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed",
+                        help="deepspeed (its multi-node runner, over pdsh/ssh) or torchrun (default: deepspeed)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME",
                         help="also forward this environment variable to every node (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the files and command, run nothing")
@@ -70,13 +71,18 @@ def launch_parser() -> _Parser:
 
 def sbatch_parser() -> _Parser:
     parser = _Parser(prog=f"{PROG} sbatch-template", description="Print a SLURM batch script for clip-train.")
-    parser.add_argument("--nodes", type=_positive_int, default=2)
-    parser.add_argument("--gpus-per-node", type=_non_negative_int, default=8,
-                        help="GPUs to request per node; 0: CPU nodes, one clip-train process per node")
-    parser.add_argument("--cpus-per-task", type=_positive_int, default=64, help="CPUs for the one task per node")
-    parser.add_argument("--time", default="24:00:00", help="wall-clock limit, [D-]HH:MM:SS")
-    parser.add_argument("--config", default="configs/vit-b-32.yaml")
-    parser.add_argument("--job-name", default="clip-train")
+    parser.add_argument("--nodes", type=_positive_int, default=2, metavar="N",
+                        help="nodes to request (#SBATCH --nodes), an integer >= 1 (default: 2)")
+    parser.add_argument("--gpus-per-node", type=_non_negative_int, default=8, metavar="N",
+                        help="GPUs to request per node, an integer >= 0; 0: CPU nodes, one clip-train process "
+                             "per node (default: 8)")
+    parser.add_argument("--cpus-per-task", type=_positive_int, default=64, metavar="N",
+                        help="CPUs for the one task per node, an integer >= 1 (default: 64)")
+    parser.add_argument("--time", default="24:00:00", help="wall-clock limit, [D-]HH:MM:SS (default: 24:00:00)")
+    parser.add_argument("--config", default="configs/vit-b-32.yaml", metavar="FILE",
+                        help="the clip-train config YAML the script trains with (default: configs/vit-b-32.yaml)")
+    parser.add_argument("--job-name", default="clip-train", metavar="NAME",
+                        help="SLURM job name: letters, digits, '.', '_' or '-' (default: clip-train)")
     return parser
 
 

@@ -246,8 +246,12 @@ def test_cli_writes_json_and_prints_metrics(export_dir, classification_dir, tmp_
             "--task", "zeroshot_classification", "--output", str(output), "--batch-size", "8"]
     assert main(argv) == 0
     result = json.loads(output.read_text())
-    assert set(result) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert set(result) == {"dataset", "model", "pretrained", "task", "metrics", "language",
+                           "templates_source", "templates", "classnames", "per_class_recall"}
     assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert result["templates"] == TEMPLATES and result["classnames"] == CLASSNAMES  # the dataset's own files
+    assert result["templates_source"] == {"kind": "dataset_file", "path": str(classification_dir / "templates.txt")}
+    assert {name: entry["count"] for name, entry in result["per_class_recall"].items()} == {c: 3 for c in CLASSNAMES}
     printed = capsys.readouterr().out
     assert "acc1=" in printed and "mean_per_class_recall=" in printed
 

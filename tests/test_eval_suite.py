@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import preloaded
-from benchmark_fixtures import export_random_model, write_classification_root, write_retrieval_root
+from benchmark_fixtures import DIGIT_NAMES, TEMPLATES, export_random_model, write_classification_root, \
+    write_retrieval_root
 from clip_train.eval import suite
 from clip_train.eval.cli import main
 from dist_harness import run_workers
@@ -50,9 +51,17 @@ def test_suite_writes_every_result_and_the_reports(tmp_path, sets, models, capsy
     record = json.loads((out / "digits_None_alpha_en_zeroshot_classification.json").read_text())
     assert set(record) >= {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert record["dataset"] == "digits" and set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert record["templates"] == TEMPLATES and record["classnames"] == DIGIT_NAMES
+    assert record["templates_source"] == {"kind": "dataset_file",
+                                          "path": str(sets / "wds_digits" / "zeroshot_classification_templates.txt")}
+    assert list(record["per_class_recall"]) == DIGIT_NAMES
+    assert sum(entry["count"] for entry in record["per_class_recall"].values()) == 120
+    probe = json.loads((out / "digits_None_alpha_en_linear_probe.json").read_text())
+    assert "templates" not in probe  # the linear probe uses no prompts
 
     csv_rows = (out / "results.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 6
+    assert not {"templates", "templates_source", "classnames", "per_class_recall"} & set(csv_rows[0].split(","))
     markdown = (out / "results.md").read_text()
     assert "alpha" in markdown and "beta" in markdown and "average" in markdown
     png = out / "results.png"

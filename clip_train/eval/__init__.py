@@ -2,7 +2,8 @@
 
 Two ways in:
 - `evaluate(model_spec, dataset, task)` loads a model from disk (run dir, export dir, or open_clip
-  name + local weights) and returns CLIP_benchmark's result shape; `clip-eval` wraps it.
+  name + local weights) and returns CLIP_benchmark's result shape (zero-shot classification adds
+  the prompts and a per-class recall table beside it, see `result_record`); `clip-eval` wraps it.
 - `run_training_eval(model, preprocess, tokenizer, ...)` evaluates a model being trained, in
   process, and returns flat `"zeroshot/..."`, `"retrieval/..."`, `"multilabel/..."` metrics for
   the logger. Inside a process group of several ranks every rank must call it: each scores a share
@@ -17,6 +18,7 @@ import torch
 
 from clip_train.eval.datasets import (
     DEFAULT_TEMPLATES,
+    ClassificationSource,
     DatasetRequest,
     batch_progress,
     build_classification_set,
@@ -29,6 +31,7 @@ from clip_train.eval.datasets import (
 )
 from clip_train.eval.loading import EvalError, LoadedModel, load_model
 from clip_train.eval.parallel import evaluate_sharded
+from clip_train.eval.prompts import prompt_record
 from clip_train.eval.retrieval import zeroshot_retrieval
 from clip_train.eval.sharding import current_share, run_collectively
 from clip_train.eval.zeroshot import zeroshot_classification
@@ -165,12 +168,22 @@ def resolve_collectively(eval_task: EvalTask, dataset, templates=None):
     return run_collectively(lambda: eval_task.resolve(dataset, templates))
 
 
-def result_record(task: str, metrics: dict, dataset: str, model: str, pretrained) -> dict:
-    """CLIP_benchmark's result JSON shape; per-sample outputs (generated captions, lists) sit beside
-    the numeric metrics, not among them."""
-    details = {k: metrics.pop(k) for k in [k for k, v in metrics.items() if isinstance(v, list)]}
-    return {"dataset": str(dataset), "model": str(model), "pretrained": pretrained, "task": task,
-            "metrics": metrics, "language": "en", **details}
+def is_scalar_metric(value) -> bool:
+    """A metric a logger or a table can hold (a number, a string, None), not a detail beside them."""
+    return not isinstance(value, (list, tuple, dict))
+
+
+def result_record(task: str, metrics: dict, dataset: str, model: str, pretrained, resolved=None) -> dict:
+    """CLIP_benchmark's result JSON shape; per-sample outputs (generated captions, lists) and
+    per-class tables (`per_class_recall`) sit beside the numeric metrics, not among them. For a
+    zero-shot classification set (`resolved` a ClassificationSource) the record also names the
+    prompts: `templates_source`, `templates`, `classnames` (see `prompts`)."""
+    details = {k: metrics.pop(k) for k in [k for k, v in metrics.items() if not is_scalar_metric(v)]}
+    record = {"dataset": str(dataset), "model": str(model), "pretrained": pretrained, "task": task,
+              "metrics": metrics, "language": "en"}
+    if isinstance(resolved, ClassificationSource):
+        record.update(prompt_record(resolved.templates_source, resolved.templates, resolved.classnames))
+    return {**record, **details}
 
 
 def evaluate(model_spec, dataset, task, *, pretrained=None, templates=None, batch_size=64, workers=0,
@@ -192,7 +205,7 @@ def evaluate(model_spec, dataset, task, *, pretrained=None, templates=None, batc
         task_metrics = run_task(task, loaded.model, loaded.preprocess, loaded.tokenizer, resolved, batch_size,
                                 workers, device, amp=amp, **options)
     path = dataset.path if isinstance(dataset, DatasetRequest) else dataset
-    return result_record(task, task_metrics, str(path), str(model_spec), pretrained)
+    return result_record(task, task_metrics, str(path), str(model_spec), pretrained, resolved)
 
 
 # run_training_eval's result prefix -> the task it runs
@@ -238,7 +251,8 @@ def run_training_eval(
                 with batch_progress(f"eval {prefix}" if progress else None):
                     task_metrics = run_task(task, model, preprocess, tokenizer, resolved, batch_size, workers,
                                             device, signal_dtype=signal_dtype)
-                results.update({f"{prefix}/{k}": v for k, v in task_metrics.items() if v is not None})
+                results.update({f"{prefix}/{k}": v for k, v in task_metrics.items()
+                                if v is not None and is_scalar_metric(v)})  # per_class_recall is for the JSON
     finally:
         model.train(was_training)
     return results

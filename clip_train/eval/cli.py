@@ -14,6 +14,8 @@ TASK: zeroshot_classification, zeroshot_retrieval, zeroshot_multilabel, linear_p
 ROOT is recognised from its contents: a CLIP_benchmark-layout root (ROOT/{split}/nshards.txt), a
 clip-prep shard folder, a class-folder tree, a flat image folder with --labels, or a Karpathy JSON.
 Under torchrun or the deepspeed launcher every rank scores its share and rank 0 writes the files.
+Zero-shot classification and multilabel results also name the prompts (`templates_source`,
+`templates`, `classnames`) and carry `per_class_recall`; see `clip_train.eval.prompts`.
 A bad invocation exits with status 2 and one line on stderr, `clip-eval: error: ...`.
 """
 from __future__ import annotations
@@ -42,38 +44,62 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pretrained", action="append", default=None,
-                        help="local weights file for an open_clip model name (once per --model in a suite)")
-    parser.add_argument("--split", default="test", help="the split to evaluate (CLIP_benchmark layout, Karpathy JSON)")
-    parser.add_argument("--templates", default=None, help="prompt templates file, one per line with {c}")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--pretrained", action="append", default=None, metavar="FILE",
+                        help="local weights file for an open_clip model name (once per --model in a suite; "
+                             "default: none, the model's own weights)")
+    parser.add_argument("--split", default="test",
+                        help="the split to evaluate: a CLIP_benchmark split folder or a Karpathy split (default: test)")
+    parser.add_argument("--templates", default=None, metavar="FILE",
+                        help="prompt templates file, one per line with {c}; overrides the dataset's templates.txt / "
+                             "zeroshot_classification_templates.txt and shipped prompts (default: those, else the "
+                             "built-in list)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="samples (images, audio, ECG) per batch, an integer >= 1 (default: 64)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="data loader worker processes, an integer >= 0 (default: 0, load in this process)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--no-amp", dest="amp", action="store_false", default=None,
-                        help="no autocast on CUDA (the CPU always runs in full precision)")
+                        help="no autocast on CUDA (default: autocast on CUDA; the CPU always runs in full precision)")
     probe = parser.add_argument_group("linear probe")
-    probe.add_argument("--train-split", default="train", help="the probe's training split, from the same root")
-    probe.add_argument("--val-split", default=None, help="a validation split for the weight-decay sweep")
-    probe.add_argument("--val-proportion", type=float, default=None,
-                       help="else hold out this share of train for the sweep (without either: weight decay 0)")
-    probe.add_argument("--fewshot-k", type=int, default=-1, help="samples per class (-1: all)")
-    probe.add_argument("--lp-epochs", type=int, default=10)
-    probe.add_argument("--lp-lr", type=float, default=0.1)
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--feature-cache", default=None, help="folder to keep the probe's features in, for reuse")
+    probe.add_argument("--train-split", default="train",
+                       help="the probe's training split, from the same root (default: train)")
+    probe.add_argument("--val-split", default=None,
+                       help="a validation split for the weight-decay sweep (default: none, see --val-proportion)")
+    probe.add_argument("--val-proportion", type=float, default=None, metavar="P",
+                       help="else hold out this share (0 < P < 1) of train for the sweep (default: none; without "
+                            "either option, weight decay 0)")
+    probe.add_argument("--fewshot-k", type=int, default=-1, metavar="K",
+                       help="training samples per class, -1 (all) or an integer >= 1 (default: -1)")
+    probe.add_argument("--lp-epochs", type=int, default=10, metavar="N",
+                       help="epochs of probe training, an integer >= 1 (default: 10)")
+    probe.add_argument("--lp-lr", type=float, default=0.1, metavar="LR",
+                       help="learning rate of the probe, a float (default: 0.1)")
+    probe.add_argument("--seed", type=int, default=0, help="random seed of the probe, an integer (default: 0)")
+    probe.add_argument("--feature-cache", default=None, metavar="DIR",
+                       help="folder to keep the probe's features in, for reuse (default: none; a suite uses "
+                            "OUTPUT/features)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=PROG, description="Evaluate a model with CLIP_benchmark's metric definitions.")
-    parser.add_argument("--model", required=True, help="run directory, export directory, or open_clip model name")
-    parser.add_argument("--dataset", required=True, help="dataset root (see the module docstring for layouts)")
-    parser.add_argument("--task", required=True, choices=EVAL_TASKS.names())
-    parser.add_argument("--output", required=True, help="where to write the results JSON")
-    parser.add_argument("--dataset-name", default=None,
-                        help="a known dataset (imagenet1k, cifar10, ...): its shipped class names and prompts")
-    parser.add_argument("--labels", default=None, help="labels file of a flat image folder (ImageNet val)")
-    parser.add_argument("--images", default=None, help="image folder of a Karpathy JSON (default: its folder)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--model", required=True,
+                        help="run directory, export directory, or open_clip model name (required)")
+    parser.add_argument("--dataset", required=True, metavar="ROOT",
+                        help="dataset root: CLIP_benchmark layout, clip-prep shards, class folders, a flat image "
+                             "folder with --labels, or a Karpathy JSON (required)")
+    parser.add_argument("--task", required=True, choices=EVAL_TASKS.names(),
+                        help=f"what to evaluate: {', '.join(EVAL_TASKS.names())} (required)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the results JSON (required)")
+    parser.add_argument("--dataset-name", default=None, metavar="NAME",
+                        help="a known dataset (imagenet1k, cifar10, ...): its shipped class names and prompts apply "
+                             "where the data has none (default: none)")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="labels file of a flat image folder, as ImageNet val (default: none)")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="image folder of a Karpathy JSON (default: the JSON's folder)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (default: a bar on a terminal)")
     _add_data_options(parser)
     return parser
 
@@ -81,13 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
 def build_suite_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=f"{PROG} suite", description="Evaluate models on a benchmark suite.")
     parser.add_argument("--model", action="append", required=True,
-                        help="a model (run dir, export dir, open_clip name, or NAME,WEIGHTS); repeat for several")
-    parser.add_argument("--datasets", default=None, help="comma-separated dataset names")
-    parser.add_argument("--dataset-root", default=None, help="root template with {dataset} or {dataset_cleaned}")
-    parser.add_argument("--suite", default=None, help="a suite YAML naming datasets (and tasks, roots)")
-    parser.add_argument("--tasks", default=None, help="comma-separated tasks to run where they apply")
-    parser.add_argument("--output", required=True, help="folder for the result JSONs, results.csv/.md/.png")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+                        help="a model (run dir, export dir, open_clip name, or NAME,WEIGHTS); repeat for several "
+                             "(required)")
+    parser.add_argument("--datasets", default=None, metavar="NAME[,NAME...]",
+                        help="comma-separated dataset names (this or --suite is required)")
+    parser.add_argument("--dataset-root", default=None, metavar="TEMPLATE",
+                        help="root template with {dataset} or {dataset_cleaned} (default: the suite file's "
+                             "dataset_root)")
+    parser.add_argument("--suite", default=None, metavar="FILE.yaml",
+                        help="a suite YAML naming datasets (and tasks, roots) (default: none)")
+    parser.add_argument("--tasks", default=None, metavar="TASK[,TASK...]",
+                        help=f"comma-separated tasks to run where they apply, of {', '.join(EVAL_TASKS.names())} "
+                             "(default: the suite file's, else each dataset's default task)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder for the result JSONs, results.csv/.md/.png (required)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (default: bars on a terminal)")
     _add_data_options(parser)
     return parser
 

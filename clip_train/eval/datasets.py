@@ -9,7 +9,7 @@ Classification set layout (a shard directory):
                          (ASCII class index)
     classnames.txt       one class name per line, in index order (required)
     templates.txt        one prompt per line containing {c} (or CLIP_benchmark's
-                         zeroshot_classification_templates.txt); optional, see DEFAULT_TEMPLATES
+                         zeroshot_classification_templates.txt); optional, see `prompts`
 Or a folder with one sub-folder per class (sorted as torchvision's ImageFolder, `_` read as a
 space in the class name).
 
@@ -43,24 +43,17 @@ from torchvision.datasets.folder import find_classes
 from clip_train.data.modalities import MODALITIES
 from clip_train.eval import layouts
 from clip_train.eval.loading import EvalError
+from clip_train.eval.prompts import (  # noqa: F401 - DEFAULT_TEMPLATES, read_templates: names of this module too
+    DEFAULT_TEMPLATES,
+    TEMPLATE_FILES,
+    read_lines,
+    read_templates,
+    resolve_templates,
+)
 from clip_train.eval.sharding import IndexedSubset, Share, collate_indexed, indexed_example, split_stages
 
 MEDIA_EXTENSIONS = tuple(ext for name in MODALITIES.names() for ext in MODALITIES.get(name).extensions)
 CLASSNAMES_FILE = "classnames.txt"
-TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
-
-# Used when neither --templates nor a templates file beside the data is given: "a photo of a {c}."
-# (CLIP's single default prompt) plus a handful of CLIP's ImageNet prompts, which average out
-# some of the wording noise of a single prompt.
-DEFAULT_TEMPLATES = (
-    "a photo of a {c}.",
-    "itap of a {c}.",
-    "a bad photo of the {c}.",
-    "a photo of the large {c}.",
-    "a photo of the small {c}.",
-    "art of the {c}.",
-)
-
 Transform = Callable[[object], torch.Tensor]  # decoded image/audio/ECG -> model input
 
 
@@ -90,24 +83,6 @@ def as_request(dataset, templates_file=None) -> DatasetRequest:
     if isinstance(dataset, DatasetRequest):
         return dataset if templates_file is None else dataclasses.replace(dataset, templates=Path(templates_file))
     return DatasetRequest(Path(dataset), templates=None if templates_file is None else Path(templates_file))
-
-
-def read_lines(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_templates(path: Path) -> list[str]:
-    """Prompt templates, one per line; each must contain `{c}` where the class name goes."""
-    if not path.is_file():
-        raise EvalError(f"templates file not found: {path}")
-    templates = read_lines(path)
-    if not templates:
-        raise EvalError(f"templates file is empty: {path}")
-    without_slot = [t for t in templates if "{c}" not in t]
-    if without_slot:
-        raise EvalError(f"template without a {{c}} placeholder in {path}: {without_slot[0]!r}")
-    return templates
 
 
 def find_shards(path: Path) -> list[Path]:
@@ -221,15 +196,11 @@ def _shipped_metadata(name: str | None) -> tuple[list[str], list[str]] | None:
     return classification_metadata(name)
 
 
-def _resolve_templates(request: DatasetRequest, data_dir: Path, own_files=TEMPLATE_FILES) -> list[str]:
-    """--templates, else a templates file of the dataset, else the named dataset's, else the default."""
-    if request.templates is not None:
-        return read_templates(Path(request.templates))
-    for name in own_files:
-        if (data_dir / name).is_file():
-            return read_templates(data_dir / name)
-    shipped = _shipped_metadata(request.name)
-    return list(shipped[1]) if shipped else list(DEFAULT_TEMPLATES)
+def _resolve_templates(request: DatasetRequest, data_dir: Path, own_files=TEMPLATE_FILES) -> tuple[list[str], dict]:
+    """(templates, their source): --templates, else a templates file of the dataset, else the
+    named dataset's, else the default (see `prompts.resolve_templates`)."""
+    return resolve_templates(request.templates, data_dir, request.name, lambda: _shipped_metadata(request.name),
+                             own_files)
 
 
 @dataclass
@@ -244,6 +215,7 @@ class ClassificationSource:
     samples: list[tuple[Path, int]] | None = None  # a flat folder with a labels file
     label_member: str = "cls"  # "npy" (a multi-hot vector) in a CLIP_benchmark multilabel set
     media: tuple[str, ...] = MEDIA_EXTENSIONS  # the shard members that may hold the signal
+    templates_source: dict | None = None  # where `templates` came from (see prompts.resolve_templates)
 
 
 def _classnames_file(directory: Path, request: DatasetRequest, what: str) -> list[str]:
@@ -308,9 +280,9 @@ def _benchmark_classification(request: DatasetRequest, task_kind: str) -> Classi
                         f"zeroshot_multilabel")
     shards = layouts.benchmark_shards(root, request.split)
     classnames = _classnames_file(root, request, "CLIP_benchmark-layout classification sets")
-    templates = _resolve_templates(request, root, (layouts.BENCHMARK_TEMPLATES_FILE,))
+    templates, origin = _resolve_templates(request, root, (layouts.BENCHMARK_TEMPLATES_FILE,))
     return ClassificationSource(shards, None, classnames, templates, label_member="npy" if kind == "multilabel" else "cls",
-                                media=layouts.BENCHMARK_IMAGE_EXTENSIONS)
+                                media=layouts.BENCHMARK_IMAGE_EXTENSIONS, templates_source=origin)
 
 
 def _labelled_folder(request: DatasetRequest) -> ClassificationSource:
@@ -319,7 +291,8 @@ def _labelled_folder(request: DatasetRequest) -> ClassificationSource:
         raise EvalError(f"--labels needs a folder of images: {folder} is not a folder")
     classnames = _classnames_file(folder, request, "a folder with a labels file")
     samples = layouts.read_labels_file(Path(request.labels), folder, classnames, _wnids_for(request.name))
-    return ClassificationSource([], None, classnames, _resolve_templates(request, folder), samples=samples)
+    templates, origin = _resolve_templates(request, folder)
+    return ClassificationSource([], None, classnames, templates, samples=samples, templates_source=origin)
 
 
 def split_request(request: DatasetRequest, split: str) -> DatasetRequest:
@@ -350,10 +323,10 @@ def resolve_classification_set(dataset, templates_file=None, task_kind: str = "s
         shards = find_shards(path)
         source = ClassificationSource(shards, None, _classnames_file(_shard_dir(shards[0]), request,
                                                                      "classification shards"), [])
-        source.templates = _resolve_templates(request, _shard_dir(path))
+        source.templates, source.templates_source = _resolve_templates(request, _shard_dir(path))
     elif path.is_dir() and any(child.is_dir() for child in path.iterdir()):
         source = ClassificationSource([], path, _folder_classnames(path, request.name), [])
-        source.templates = _resolve_templates(request, path)
+        source.templates, source.templates_source = _resolve_templates(request, path)
     else:
         raise EvalError(f"{path} holds neither .tar shards, a CLIP_benchmark layout ({request.split}/"
                         f"{layouts.NSHARDS_FILE}), nor one sub-folder per class (a flat image folder needs --labels)")

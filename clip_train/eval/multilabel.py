@@ -18,6 +18,7 @@ import torch
 from .datasets import _shard_pipeline, decode_class_index, decode_media, map_examples
 from .loading import EvalError
 from .metrics import topk_accuracy
+from .prompts import multilabel_recall
 from .zeroshot import classify, zeroshot_classifier
 
 
@@ -80,9 +81,10 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     return float(torch.stack(per_class).mean())
 
 
-def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, classnames=None) -> dict:
     """mean_average_precision (CLIP_benchmark's), and macro AUROC and macro best-threshold F1 over
-    the classes that have positives and negatives."""
+    the classes that have positives and negatives; with `classnames`, also `per_class_recall` (a
+    dict, see `prompts.multilabel_recall`, that result_record moves out of the metrics)."""
     scored = [c for c in range(targets.shape[1]) if 0 < targets[:, c].sum() < len(targets)]
     if not scored:
         raise EvalError("no class has both positive and negative samples: AUROC is undefined")
@@ -94,6 +96,8 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
               "macro_auroc": sum(aurocs) / len(aurocs), "macro_f1": sum(f1s) / len(f1s), "classes_scored": len(scored)}
     if bool((targets.sum(1) == 1).all()):  # single-label set: accuracy is defined too
         result["acc1"] = topk_accuracy(scores, targets.argmax(1), 1)
+    if classnames is not None:
+        result["per_class_recall"] = multilabel_recall(classnames, scores, targets)
     return result
 
 
@@ -101,4 +105,4 @@ def zeroshot_multilabel(model, tokenizer, dataloader, classnames, templates, dev
                         amp=False) -> dict:
     classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, amp=amp)
     scores, targets = classify(model, classifier, dataloader, device, amp=amp, signal_dtype=signal_dtype)
-    return multilabel_metrics(scores.float(), targets.float())
+    return multilabel_metrics(scores.float(), targets.float(), classnames)

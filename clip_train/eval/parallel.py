@@ -58,14 +58,14 @@ def _score_share(opener: Callable, model, preprocess, tokenizer, source, batch_s
 def _classification_metrics(source, index, logits, targets) -> dict:
     if index is None:
         raise EvalError("the classification dataset yielded no samples")
-    return classification_result(*_in_file_order(index, logits, targets), len(source.classnames))
+    return classification_result(*_in_file_order(index, logits, targets), source.classnames)
 
 
 def _multilabel_metrics(source, index, scores, targets) -> dict:
     if index is None:
         raise EvalError("the classification dataset yielded no samples")
     scores, targets = _in_file_order(index, scores, targets)
-    return multilabel_metrics(scores.float(), targets.float())
+    return multilabel_metrics(scores.float(), targets.float(), source.classnames)
 
 
 # --- retrieval --------------------------------------------------------------------------------------

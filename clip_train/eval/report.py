@@ -4,6 +4,10 @@ A suite writes one JSON per (model, dataset, task) in CLIP_benchmark's result sh
 
     {"dataset": ..., "model": ..., "pretrained": ..., "task": ..., "metrics": {...}, "language": "en"}
 
+(zero-shot classification and multilabel results also carry ``templates_source``, ``templates``,
+``classnames`` and ``per_class_recall``, see ``prompts``; the tables read only ``metrics`` and
+the scalar keys above, so those stay out of them).
+
 The CSV has the columns of CLIP_benchmark's ``clip_benchmark build`` (``main_build``), so tables
 made by either tool can be concatenated. The Markdown and the plot reduce each result to one number,
 its task's main metric (``MAIN_METRIC``), and average those per model.
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from clip_train.eval.atomic import atomic_write
+from clip_train.eval.prompts import PROMPT_KEYS
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -224,10 +229,11 @@ def _metric_title(results: list[dict]) -> str:
 
 def csv_row(result: dict) -> dict:
     """One CSV row exactly as CLIP_benchmark's main_build builds it: metrics, then the top-level
-    keys (which win on a name clash, as there), then model_fullname; lists and dicts are skipped."""
+    keys (which win on a name clash, as there), then model_fullname; lists and dicts are skipped, and
+    so are the prompt descriptions (`prompts.PROMPT_KEYS`), which CLIP_benchmark's results lack."""
     row = {key: value for key, value in result["metrics"].items() if isinstance(value, _SCALARS)}
     row.update((key, value) for key, value in result.items()
-               if key != "metrics" and isinstance(value, _SCALARS))
+               if key != "metrics" and key not in PROMPT_KEYS and isinstance(value, _SCALARS))
     # main_build computes model + " " + pretrained, a TypeError for a null pretrained; a null
     # pretrained is written as "" here, so the name is "model " and the file still gets written.
     pretrained = result.get("pretrained")

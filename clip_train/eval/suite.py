@@ -234,7 +234,7 @@ def run_job(job: SuiteJob, loaded, batch_size: int, workers: int, device, amp: b
         options = {**options, "model_name": f"{loaded.name}|{job.model.pretrained}"}
     metrics = run_task(job.task, loaded.model, loaded.preprocess, loaded.tokenizer, job.resolved, batch_size,
                        workers, device, signal_dtype=signal_dtype, amp=amp, **options)
-    return result_record(job.task, metrics, job.dataset, job.model.spec, job.model.pretrained)
+    return result_record(job.task, metrics, job.dataset, job.model.spec, job.model.pretrained, job.resolved)
 
 
 def run_suite(jobs: list[SuiteJob], out_dir: Path, *, batch_size: int = 64, workers: int = 0, device: str = "cpu",

@@ -9,6 +9,7 @@ import torch
 from clip_train.eval import metrics
 from clip_train.eval.datasets import batches
 from clip_train.eval.loading import EvalError
+from clip_train.eval.prompts import single_label_recall
 
 
 def autocast_context(device, amp: bool):
@@ -69,17 +70,23 @@ def classify(model, classifier: torch.Tensor, dataloader: Iterable, device, amp=
     return scored
 
 
-def classification_result(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
-    """The metrics of `metrics.classification_metrics`, after checking every target is a class."""
+def classification_result(logits: torch.Tensor, targets: torch.Tensor, classnames: Sequence[str]) -> dict:
+    """The metrics of `metrics.classification_metrics`, after checking every target is a class, and
+    beside them `per_class_recall` (a dict, see `prompts.recall_table`: result_record moves it out of
+    the metrics, run_training_eval leaves it out)."""
+    num_classes = len(classnames)
     out_of_range = (targets < 0) | (targets >= num_classes)
     if out_of_range.any():
         raise EvalError(f"class index {int(targets[out_of_range][0])} out of range for {num_classes} class names")
-    return metrics.classification_metrics(logits, targets)
+    result = metrics.classification_metrics(logits, targets)
+    result["per_class_recall"] = single_label_recall(classnames, logits.argmax(dim=1), targets)
+    return result
 
 
 def zeroshot_classification(model, tokenizer, dataloader, classnames, templates, device, amp=False,
                             signal_dtype=None) -> dict:
-    """acc1, acc5 (None with fewer than 5 classes) and mean_per_class_recall over the loader."""
+    """acc1, acc5 (None with fewer than 5 classes) and mean_per_class_recall over the loader, and
+    per_class_recall (see classification_result)."""
     classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, amp=amp)
     logits, targets = classify(model, classifier, dataloader, device, amp=amp, signal_dtype=signal_dtype)
-    return classification_result(logits, targets, len(classnames))
+    return classification_result(logits, targets, classnames)
