@@ -16,9 +16,9 @@ Throughput is measured from outside, the same way for both: each trainer logs ev
 (steps between the line of step ``--warmup`` and the last step) x batch / the seconds between those
 lines. That includes waiting for the loader, the optimizer step and the per-step logging on both
 sides, and excludes start-up, the first ``--warmup`` steps and the final save. Each trainer's own
-report is printed next to it: ours ``samples_per_s`` (metrics.jsonl: the step alone, from the
-first forward to the end of the optimizer step, no data wait), open_clip's ``Batch (t)`` (data
-wait included); the medians over the same steps.
+report is printed next to it: ours ``samples_per_s`` (metrics.jsonl: wall clock over the logging
+window, data wait included), open_clip's ``Batch (t)`` (data wait included); the medians over the
+same steps.
 
 Repetitions alternate the order (ours first, then open_clip first, ...). On a shared machine
 other processes take CPU time: ``--quiet`` waits (up to ``--max-wait`` s) before each run until
@@ -26,7 +26,7 @@ the other processes use less than that many cores, and each run prints what they
 
 ``--mode resampled`` (default) samples shards with replacement on both sides (one long epoch);
 ``--mode epochs`` runs plain epochs over the shards (1,437 demo samples: 11 steps of 128 per epoch),
-so the loader restarts every epoch on both sides (open_clip keeps its workers, we start new ones).
+so the loader starts a new pass every epoch on both sides (both keep their worker processes).
 
 open_clip 3.3's webdataset pipeline predates webdataset 1.0's end-of-shard marker (an empty dict
 that its ``group_by_keys_nothrow`` cannot read, ``KeyError: 'fname'``): the open_clip side runs
@@ -51,8 +51,8 @@ DEFAULT_BATCH = {"demo-tiny": 128, "ViT-B-32": 32}
 DEFAULT_STEPS = {"demo-tiny": (80, 20), "ViT-B-32": (24, 8)}  # (steps, warmup)
 # The demo recipe's optimizer (configs/demo.yaml) with our defaults for the rest, passed to both.
 LR, WD, WARMUP, BETA1, BETA2, EPS, CLIP = 2e-3, 0.1, 30, 0.9, 0.98, 1e-6, 1.0
-OUR_LINE = re.compile(r"^step=(\d+) .*\bsamples_per_s=([0-9.eE+-]+)")
-OC_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*Batch \(t\): ([0-9.]+)")
+OUR_LINE = re.compile(r"^step (\d+)/\d+  epoch (?P<epoch>\d+) .*?  (?P<own>[0-9.]+) samples/s")
+OC_LINE = re.compile(r"Train Epoch: (?P<epoch>\d+) \[\s*(\d+)/(\d+).*Batch \(t\): (?P<batch_s>[0-9.]+)")
 
 
 def open_clip_child(argv: list[str]) -> None:
@@ -179,11 +179,38 @@ def run_side(side: str, args, model: str, batch: int, steps: int, warmup: int, w
         raise SystemExit(f"{side} exited with {code}: see {work / f'{tag}.log'}")
     times = [t for t, _ in stamps]
     if side == "ours":
-        own = [float(m.group(2)) for _, m in stamps[warmup:]]
+        own = [float(m["own"]) for _, m in stamps[warmup:]]
     else:
-        own = [batch / float(m.group(4)) for _, m in stamps[warmup:] if float(m.group(4)) > 0]
+        own = [batch / float(m["batch_s"]) for _, m in stamps[warmup:] if float(m["batch_s"]) > 0]
     return {"side": side, "rep": rep, "samples_per_s": steady_rate(times, batch, warmup), "own": statistics.median(own),
+            "epoch_boundary_s": epoch_boundary_cost(times, [int(m["epoch"]) for _, m in stamps]),
             "steps": len(times), "wall_s": time.perf_counter() - started, "background_cores": background}
+
+
+def epoch_boundary_cost(times: list[float], epochs: list[int]) -> float | None:
+    """Median extra seconds of the first step of an epoch over an ordinary step (line-to-line gaps):
+    what starting an epoch's loader costs. None without an epoch change (resampled mode)."""
+    gaps = [(b - a, e1 != e0) for a, b, e0, e1 in zip(times, times[1:], epochs, epochs[1:])]
+    boundary, ordinary = [g for g, new in gaps if new], [g for g, new in gaps if not new]
+    if not boundary or not ordinary:
+        return None
+    return statistics.median(boundary) - statistics.median(ordinary)
+
+
+def boundary_note(result: dict) -> str:
+    cost = result["epoch_boundary_s"]
+    return "" if cost is None else f"; epoch boundary +{cost:.2f} s"
+
+
+def print_epoch_boundaries(args, results: list[dict]) -> None:
+    print()
+    print("| model | ours epoch boundary, s | open_clip epoch boundary, s |")
+    print("|---|---:|---:|")
+    for model in args.models:
+        cost = {side: [r["epoch_boundary_s"] for r in results if r["model"] == model and r["side"] == side
+                       and r["epoch_boundary_s"] is not None] for side in args.sides}
+        cells = [f"{statistics.median(cost[s]):.2f}" if cost.get(s) else "-" for s in ("ours", "open_clip")]
+        print(f"| {model} | {cells[0]} | {cells[1]} |")
 
 
 def main() -> int:
@@ -230,7 +257,7 @@ def main() -> int:
                 results.append(r)
                 print(f"  {model} batch {batch} {side:9s} rep {rep}: {r['samples_per_s']:7.1f} samples/s "
                       f"(own report {r['own']:.1f}; other processes used {r['background_cores']:.2f} cores before it; "
-                      f"{r['wall_s']:.0f} s)", flush=True)
+                      f"{r['wall_s']:.0f} s{boundary_note(r)})", flush=True)
     print()
     print(f"| model | batch | steps (warmup) | ours samples/s | open_clip samples/s | ours / open_clip |")
     print("|---|---|---|---|---|---|")
@@ -244,6 +271,8 @@ def main() -> int:
         ratio = f"{med['ours'] / med['open_clip']:.2f}x" if len(med) == 2 else "-"
         print(f"| {model} | {batch} | {steps} ({warmup}) | {med.get('ours', float('nan')):.1f} ({reps.get('ours', '')}) "
               f"| {med.get('open_clip', float('nan')):.1f} ({reps.get('open_clip', '')}) | {ratio} |")
+    if args.mode == "epochs":
+        print_epoch_boundaries(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

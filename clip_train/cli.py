@@ -20,8 +20,30 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an output_dir that already holds a run (deletes its metrics and checkpoints)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="debug messages, and DeepSpeed's own warnings and info (hidden otherwise: errors only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
     return parser
+
+
+def _set_up_logging(verbose: bool) -> None:
+    # open_clip logs its model-building chatter on the root logger; keep ours at INFO and the rest quieter.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clip_train").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # DeepSpeed logs to its own logger (at every import, a warning that the accelerator is the CPU):
+    # a filter, because DeepSpeed sets that logger's level itself when it is imported.
+    _DEEPSPEED_FILTER.verbose = verbose
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_FILTER)  # once: a logger keeps one copy of a filter
+
+
+class _DeepSpeedFilter(logging.Filter):
+    verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.levelno >= logging.ERROR
+
+
+_DEEPSPEED_FILTER = _DeepSpeedFilter()
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -59,14 +81,15 @@ def run_export(args: argparse.Namespace) -> int:
 
     path = ckpt.resolve_checkpoint(Path(args.run), args.checkpoint)
     info = ckpt.read_model_info(path)
-    out = export_model(ckpt.read_weights(path), info["model_cfg"], info["preprocess_cfg"],
-                           args.out or Path(args.run) / "export")
+    linked = ckpt.weights_file(path)  # hard-linked when the checkpoint has it, consolidated otherwise
+    out = export_model(None if linked else ckpt.read_weights(path), info["model_cfg"], info["preprocess_cfg"],
+                       args.out or Path(args.run) / "export", weights_file=linked)
     print(f"exported {path} -> {out}")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # parse and validate before any heavy import
+    cfg = _resolved_config(args)  # parse and validate before any heavy import
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -83,6 +106,18 @@ def run_train(args: argparse.Namespace) -> int:
     if results and trainer.env.is_main:
         print("final evaluation: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return 0
+
+
+def _resolved_config(args: argparse.Namespace):
+    """The command line's config; when resuming, the run's saved config with the safe changes applied."""
+    if not args.resume:
+        return load_config(args.config, args.overrides)
+    from .resume_config import resume_config
+
+    cfg, changes = resume_config(args.config, args.overrides, args.resume)
+    for change in changes:
+        log.info("resume: %s", change)
+    return cfg
 
 
 def _report_failure(err: Exception, trainer) -> int:
@@ -109,13 +144,11 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # open_clip logs its model-building chatter on the root logger; keep ours at INFO and the rest quieter.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("clip_train").setLevel(logging.INFO)
     command = argv[0] if argv and argv[0] in ("export", "plot") else "train"
     parser = {"export": _export_parser, "plot": _plot_parser, "train": _train_parser}[command]()
     # Intermixed: overrides may come before or after the flags (clip-train --overwrite a=1 --resume latest b=2).
     args = parser.parse_intermixed_args(argv if command == "train" else argv[1:])
+    _set_up_logging(getattr(args, "verbose", False))
     try:
         return {"export": run_export, "plot": run_plot, "train": run_train}[command](args)
     except ConfigError as err:  # before the heavy imports: a typo is reported in about a second

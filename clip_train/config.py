@@ -56,6 +56,8 @@ class DataConfig:
 class LossConfig:
     kind: str = option("softmax", "contrastive loss: softmax (CLIP InfoNCE) or sigmoid (SigLIP)")
     tile_size: int = option(1024, "tile edge for the tiled loss; memory grows with tile_size², not batch²")
+    backend: str = option("auto", "who computes the softmax/sigmoid loss tiles: auto (fused Triton kernels on CUDA "
+                                  "when triton imports, else torch), torch, or triton")
     exchange: str = option("auto", "how distributed loss terms exchange feature blocks: ring (W hops, O(b·D) memory), "
                                    "allgather (one all-gather, O(B·D) memory), auto (allgather if it fits exchange_memory_mb)")
     exchange_memory_mb: float = option(1024.0, "loss.exchange=auto: largest all-gather buffers (MiB, per term and pass: "
@@ -70,6 +72,8 @@ class OptimConfig:
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     warmup_steps: int = option(100, "linear warmup steps before the cosine decay")
+    warmup_fraction: float = option(0.0, "warmup as a fraction of the run's steps, used instead of warmup_steps "
+                                         "when > 0 (small data: a fixed step count can be most of a short run)")
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
     grad_clip: float = option(1.0, "clip the global gradient norm to this value; 0 disables")
 
@@ -161,6 +165,7 @@ class Config:
         rules = [
             (self.loss.kind in ("softmax", "sigmoid"), f"loss.kind={self.loss.kind!r}: use softmax or sigmoid"),
             (self.loss.tile_size > 0, "loss.tile_size must be positive"),
+            (self.loss.backend in ("auto", "torch", "triton"), f"loss.backend={self.loss.backend!r}: use auto, torch or triton"),
             (self.loss.exchange in ("ring", "allgather", "auto"),
              f"loss.exchange={self.loss.exchange!r}: use ring, allgather or auto"),
             (self.loss.exchange_memory_mb >= 0, "loss.exchange_memory_mb must be >= 0"),
@@ -170,6 +175,7 @@ class Config:
             (self.optim.lr > 0, "optim.lr must be positive"),
             (0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr must lie between 0 and optim.lr"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (0 <= self.optim.warmup_fraction < 1, "optim.warmup_fraction must be in [0, 1)"),
             (self.model.max_logit_scale > 1, "model.max_logit_scale must be > 1"),
             (not (self.data.resampled and self.data.train_num_samples <= 0 and self.train.steps <= 0),
              "data.resampled=true streams forever: set data.train_num_samples or train.steps"),
@@ -231,6 +237,8 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if expected is str and isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a boolean
+        return "on" if value else "off"
     if expected in (int, float, str, bool) and not (isinstance(value, expected) and
                                                     (expected is bool or not isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from .engine.run_summary import eval_values, is_train_record, read_metrics
 
 # Logged with every step but not curves of the objective.
-_NOT_LOSSES = {"step", "epoch", "lr", "samples_per_s", "skipped", "skipped_steps", "logit_scale", "logit_bias",
+_NOT_LOSSES = {"step", "epoch", "lr", "samples_per_s", "compute_samples_per_s", "skipped", "skipped_steps", "logit_scale", "logit_bias",
                "elapsed_s", "eta_s"}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -90,7 +91,15 @@ def _check_resume(cfg: Config, resume: str | None) -> None:
     from .engine.checkpoint import CheckpointError, resolve_checkpoint
 
     with _reported_as(f"--resume {resume}", CheckpointError):
-        resolve_checkpoint(Path(cfg.output_dir), resume)
+        path = resolve_checkpoint(Path(cfg.output_dir), resume)
+    # Each rank's data position and random state are in the checkpoint: another world size would
+    # change the contrastive batch (world size x batch) and lose them.
+    saved_ranks = len(list(path.glob("rng_rank*.pt")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved_ranks and saved_ranks != world_size:
+        raise ConfigError(f"--resume {resume}: {path} was written by {saved_ranks} rank(s) (contrastive batch "
+                          f"{saved_ranks} x {cfg.data.batch_size} x {cfg.train.accum_steps}), this launch has "
+                          f"{world_size}: exact resume needs the same world size x batch")
 
 
 def _check_model(cfg: Config) -> None:

@@ -52,6 +52,7 @@ class SyntheticData:
         self.batch, self.rank, self.world = cfg.batch_size, rank, world_size
         self.tokenizer, self.modality = tokenizer, MODALITIES.get(modality)
         self.batches_per_epoch, self.workers, self.roles = STEPS_PER_EPOCH * ACCUM, 0, 1
+        self.num_samples = self.batches_per_epoch * self.batch * world_size
 
     def epoch_batches(self, epoch: int, skip: int = 0, consumed=None):
         for index in range(skip, self.batches_per_epoch):

@@ -150,3 +150,23 @@ def test_fast_forward_gives_the_rest_of_the_same_epoch(tmp_path, tiny, workers):
     for a, b in zip(full[4:], rest):
         assert torch.equal(a["text"], b["text"]) and torch.equal(a["image"], b["image"])
     assert not torch.equal(full[0]["text"], list(data.epoch_batches(3))[0]["text"])
+
+
+def test_the_shuffle_releases_early_and_grows_its_buffer_to_full_size():
+    import random
+
+    from clip_train.data.stream import SHUFFLE_INITIAL, shuffled
+
+    reads = []
+
+    def source():
+        for i in range(5000):
+            reads.append(i)
+            yield i
+
+    stream = shuffled(source(), 2000, random.Random(0))
+    first = next(stream)
+    assert len(reads) == SHUFFLE_INITIAL  # not the 2,000 of a full buffer: an epoch starts at once
+    released = [first] + [next(stream) for _ in range(1999)]
+    assert len(reads) - len(released) == 1999  # two in per release until the buffer is full (then one)
+    assert sorted(released + list(stream)) == list(range(5000))  # every sample exactly once

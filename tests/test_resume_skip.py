@@ -4,6 +4,7 @@ an uninterrupted run reads. Also weighted mixing of sources (open_clip's upsampl
 import collections
 import io
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -82,6 +83,23 @@ def test_resumed_epoch_is_the_rest_of_the_uninterrupted_one(shards, tiny, worker
     for skip in (1, len(full) // 2, len(full) - 1, len(full)):  # the last one: a checkpoint at the epoch's end
         rest = list(data.epoch_batches(1, skip=skip, consumed=positions(full[:skip])))
         assert_same_batches(full[skip:], rest)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_workers_persist_across_epochs_and_resume_stays_exact(shards, tiny, workers):
+    before = set(multiprocessing.active_children())
+    data = train_data(shards, tiny, workers=workers)
+    epochs, worker_pids = [], []
+    for epoch in range(3):
+        epochs.append(list(data.epoch_batches(epoch)))
+        worker_pids.append(sorted(p.pid for p in set(multiprocessing.active_children()) - before))
+    assert len(worker_pids[0]) == workers and worker_pids[0] == worker_pids[1] == worker_pids[2]
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(epochs[0], epochs[1]))  # a new epoch's draws
+
+    resumed = train_data(shards, tiny, workers=workers)  # a new process resumes in the middle of epoch 1
+    skip = len(epochs[1]) // 2 + 1
+    assert_same_batches(epochs[1][skip:], list(resumed.epoch_batches(1, skip=skip, consumed=positions(epochs[1][:skip]))))
+    assert_same_batches(epochs[2], list(resumed.epoch_batches(2)))  # then its persistent workers go on alike
 
 
 def test_without_recorded_positions_each_role_skips_full_batches(tmp_path, tiny):

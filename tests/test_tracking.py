@@ -81,7 +81,9 @@ def test_eta_counts_down_to_zero(run):
     etas = [r["eta_s"] for r in train]
     assert etas[-1] == 0
     # the moving average may move a little between steps; the countdown must not go back up by much
-    assert all(later <= earlier * 1.5 + 0.5 for earlier, later in zip(etas, etas[1:])), etas
+    # once it averages a few steps (with one or two, one slow step on a loaded machine doubles it)
+    steady = etas[2:]
+    assert all(later <= earlier * 1.5 + 0.5 for earlier, later in zip(steady, steady[1:])), etas
     elapsed = [r["elapsed_s"] for r in train]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
     # at the middle step, the remaining time estimated is of the order of the time the rest took
@@ -116,3 +118,9 @@ def test_report_to_is_checked_at_load_time(monkeypatch):
     with pytest.raises(ConfigError, match=r"the wandb package is not installed: pip install -e '\.\[tracking\]'"):
         load_config(DEMO_CONFIG, ["log.report_to=jsonl,wandb"])
     assert load_config(DEMO_CONFIG, ["log.report_to=jsonl,tensorboard"]).log.report_to == ["jsonl", "tensorboard"]
+
+
+def test_a_bare_on_or_off_is_the_progress_setting_not_a_boolean():
+    # YAML 1.1 reads `progress: off` as False
+    assert load_config(DEMO_CONFIG, ["log.progress=off"]).log.progress == "off"
+    assert load_config(DEMO_CONFIG, ["log.progress=on"]).log.progress == "on"

@@ -10,7 +10,7 @@ import itertools
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -18,7 +18,7 @@ import webdataset as wds
 
 from .shards import DataError, count_samples, expand_weighted_shards, first_unsized, unsized_error
 from .modalities import MODALITIES, Modality
-from .stream import POSITION, SEED, StreamPlan, current_role, role_stream, seeded_call
+from .stream import POSITION, SEED, SharedEpochPlan, StreamPlan, current_role, role_stream, seeded_call
 from .text_views import two_text_views
 
 log = logging.getLogger(__name__)
@@ -113,20 +113,22 @@ class Collate:
 
 
 class EpochStream(torch.utils.data.IterableDataset):
-    """What one loader worker delivers: its role's samples, decoded and batched (see ``stream``)."""
+    """What one loader worker delivers: its role's samples, decoded and batched (see ``stream``), for
+    the epoch the shared plan describes when the iteration starts."""
 
-    def __init__(self, plan: StreamPlan, decoder: SampleDecoder, batch_size: int, tokenizer: Callable):
+    def __init__(self, plan: SharedEpochPlan, decoder: SampleDecoder, batch_size: int, tokenizer: Callable):
         self.plan, self.decoder, self.batch_size, self.tokenizer = plan, decoder, batch_size, tokenizer
 
     def __iter__(self) -> Iterator[dict]:
-        counter, role = SkipCounter(), current_role(self.plan)
-        samples = role_stream(self.plan, role, counter.handler)
+        plan = self.plan.current()
+        counter, role = SkipCounter(), current_role(plan)
+        samples = role_stream(plan, role, counter.handler)
         decoded = wds.map(self.decoder, handler=counter.handler)(samples)
         collate = Collate(self.tokenizer, counter)
         # Full batches only, each made as soon as its last sample is decoded (no look-ahead decode).
         batches = (collate(group) for group in iter(lambda: list(itertools.islice(decoded, self.batch_size)), [])
                    if len(group) == self.batch_size)
-        return itertools.islice(batches, self.plan.batches[role])
+        return itertools.islice(batches, plan.batches[role])
 
 
 @dataclass
@@ -147,6 +149,8 @@ class TrainData:
     modality: Modality = MODALITIES.get("image")
     world_size: int = 1
     weights: list[float] | None = None  # per shard, with resampling
+    # Built at the first epoch and kept: its workers persist and read each epoch's plan from shared memory.
+    _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
 
     @property
     def roles(self) -> int:
@@ -175,11 +179,18 @@ class TrainData:
                           epoch_seed, self.rank, self.world_size, roles, role_offset=skip % roles,
                           consumed=tuple(consumed.get(role, 0) for role in range(roles)),
                           batches=tuple(per_role - n for n in delivered), shuffle_buffer=self.cfg.shuffle_buffer)
-        decoder = SampleDecoder(self.modality, self._media_exts(), self.cfg.text_key, self.transform, self.views,
-                                self.word_dropout)
-        loader = torch.utils.data.DataLoader(EpochStream(plan, decoder, batch, self.tokenizer), batch_size=None,
-                                             num_workers=self.workers)
-        return itertools.islice(loader, self.batches_per_epoch - skip)
+        return itertools.islice(self._loader_for(plan), self.batches_per_epoch - skip)
+
+    def _loader_for(self, plan: StreamPlan) -> torch.utils.data.DataLoader:
+        """The one loader of this run, its shared plan set to ``plan`` (iterate it right after)."""
+        if self._loader is None:
+            decoder = SampleDecoder(self.modality, self._media_exts(), self.cfg.text_key, self.transform, self.views,
+                                    self.word_dropout)
+            stream = EpochStream(SharedEpochPlan(plan), decoder, self.cfg.batch_size, self.tokenizer)
+            self._loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                                       persistent_workers=self.workers > 0)
+        self._loader.dataset.plan.set(plan)
+        return self._loader
 
 
 def _check_split(urls: list[str], workers: int, world_size: int, resampled: bool) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -41,6 +41,30 @@ class StreamPlan:
     consumed: tuple[int, ...]  # per role: raw samples already delivered (dropped undecoded)
     batches: tuple[int, ...]  # per role: batches still to deliver this epoch
     shuffle_buffer: int
+
+
+class SharedEpochPlan:
+    """The part of a rank's ``StreamPlan`` that changes between epochs (seed, role offset, what a
+    resumed run has had), in shared memory: persistent loader workers read each epoch's plan from
+    it when a new epoch's iteration starts, so they are not re-spawned at every epoch boundary."""
+
+    def __init__(self, template: StreamPlan):
+        self.template = template
+        self.values = torch.zeros(2 + 2 * template.roles, dtype=torch.int64).share_memory_()
+        self.set(template)
+
+    def set(self, plan: StreamPlan) -> None:
+        """Called in the main process before the epoch's iteration starts (the workers read it then)."""
+        if replace(plan, epoch_seed=0, role_offset=0, consumed=(), batches=()) != \
+                replace(self.template, epoch_seed=0, role_offset=0, consumed=(), batches=()):
+            raise ValueError("only the epoch seed, role offset, consumed and batches may change between epochs")
+        self.values.copy_(torch.tensor([plan.epoch_seed, plan.role_offset, *plan.consumed, *plan.batches]))
+
+    def current(self) -> StreamPlan:
+        values = self.values.tolist()
+        roles = self.template.roles
+        return replace(self.template, epoch_seed=values[0], role_offset=values[1],
+                       consumed=tuple(values[2:2 + roles]), batches=tuple(values[2 + roles:]))
 
 
 def current_role(plan: StreamPlan) -> int:
@@ -87,12 +111,21 @@ def raw_samples(plan: StreamPlan, role: int, handler: Callable) -> Iterator[dict
             return
 
 
+SHUFFLE_INITIAL = 100  # samples held before the first is released (webdataset's default too)
+
+
 def shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """A buffer shuffle: once ``bufsize`` samples are held, each new one releases a random one."""
-    buffer: list[dict] = []
+    """A buffer shuffle that starts early: once ``SHUFFLE_INITIAL`` samples are held each release
+    picks a random one, and until the buffer holds ``bufsize`` two samples come in per release, so
+    it grows to full size. Waiting for a full buffer first would read ``bufsize`` samples at every
+    epoch start (the whole epoch when it is smaller than the buffer) before the first batch."""
+    samples, buffer = iter(samples), []
+    initial = min(SHUFFLE_INITIAL, bufsize)
     for sample in samples:
         buffer.append(sample)
-        if len(buffer) >= bufsize:
+        if len(buffer) < bufsize:
+            buffer.extend(itertools.islice(samples, 1))
+        if len(buffer) >= initial:
             yield _pop_random(buffer, rng)
     while buffer:
         yield _pop_random(buffer, rng)

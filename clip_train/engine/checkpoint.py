@@ -152,6 +152,12 @@ def read_model_info(path: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(path) / COMPLETE_MARKER}: {err}") from None
 
 
+def weights_file(path: Path) -> Path | None:
+    """A checkpoint's ``weights.safetensors``, or None for a checkpoint without one."""
+    found = Path(path) / "weights.safetensors"
+    return found if found.is_file() else None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint: ``weights.safetensors``, or, for a checkpoint without it
     (ZeRO-3 runs of earlier versions), the partitions in ``ds/`` consolidated by DeepSpeed's tool."""

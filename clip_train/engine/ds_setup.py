@@ -121,7 +121,7 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
         # copies it back (about 3 passes over the gradients per step). ZeRO-1/2/3 reduce inside
         # their optimizer (they need it to fill their partitions) and keep theirs.
         engine.enable_backward_allreduce = False
-    log.info("DeepSpeed config: %s", json.dumps(engine_config, sort_keys=True))
+    log.debug("DeepSpeed config (also in RUN/ds_config.json): %s", json.dumps(engine_config, sort_keys=True))
     return engine, ds_optimizer, ds_scheduler, clip
 
 

@@ -41,15 +41,41 @@ class MetricsLog:
         self.trackers = []
 
     def _line(self, record: dict) -> str:
-        parts = []
-        for key, value in record.items():
-            if key == "step" and self.total_steps:
-                parts.append(f"step={value}/{self.total_steps}")
-            elif key in _DURATIONS and isinstance(value, float):
-                parts.append(f"{key[:-2]}={duration(value)}")
-            else:
-                parts.append(_fmt(key, value))
-        return " ".join(parts)
+        """A short console line; ``metrics.jsonl`` keeps every value.
+
+        Training: ``step 20/330  epoch 1  loss 4.766  lr 0.001333  scale 14.17  369 samples/s  elapsed 16s
+        eta 4m05s``, the terms only when there are several, skips only when there are some.
+        Evaluation: ``step 20/330  zeroshot/acc1=0.83 ...``.
+        """
+        step = f"step {record['step']}/{self.total_steps}" if self.total_steps else f"step {record['step']}"
+        if "loss" not in record:
+            return "  ".join([step, *(_fmt(k, v) for k, v in record.items() if k != "step")])
+        parts = [step, f"epoch {record.get('epoch')}", f"loss {_num(record['loss'])}"]
+        terms = {k: v for k, v in record.items() if k not in _NOT_TERMS and "/" not in k and k != "loss"}
+        if len(terms) > 1:
+            parts.append("(" + ", ".join(f"{k} {_num(v)}" for k, v in terms.items()) + ")")
+        parts += [f"lr {_num(record.get('lr'))}", f"scale {_num(record.get('logit_scale'))}"]
+        if "logit_bias" in record:
+            parts.append(f"bias {_num(record['logit_bias'])}")
+        if isinstance(record.get("samples_per_s"), float):
+            rate = record["samples_per_s"]
+            parts.append(f"{rate:.0f} samples/s" if rate >= 100 else f"{rate:.3g} samples/s")
+        for key, label in (("skipped", "skipped samples"), ("skipped_steps", "skipped steps")):
+            if record.get(key):
+                parts.append(f"{label} {record[key]}")
+        for key in _DURATIONS:
+            if isinstance(record.get(key), float):
+                parts.append(f"{key[:-2]} {duration(record[key])}")
+        return "  ".join(parts)
+
+
+# Logged with every training step but not loss terms.
+_NOT_TERMS = {"step", "epoch", "lr", "logit_scale", "logit_bias", "samples_per_s", "compute_samples_per_s",
+              "skipped", "skipped_steps", *_DURATIONS}
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 def _plain(value):

@@ -62,3 +62,31 @@ def wants_bar(setting: str, world_size: int) -> bool:
     if setting == "auto":
         return sys.stdout.isatty() and world_size == 1
     return setting == "on"
+
+
+class ThroughputWindow:
+    """Samples per second over the steps since the last logged one.
+
+    ``samples_per_s`` is wall clock, data waits and epoch boundaries included (open_clip's
+    figure: what the run really achieves); ``compute_samples_per_s`` counts only the time inside
+    the training steps. Checkpoints and evaluations are side tasks, paused out of both.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.samples, self.compute_s, self.paused_s = 0, 0.0, 0.0
+
+    def add_step(self, samples: int, seconds: float) -> None:
+        self.samples += samples
+        self.compute_s += seconds
+
+    def pause(self, seconds: float) -> None:
+        self.paused_s += seconds
+
+    def rates(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.started - self.paused_s
+        return {"samples_per_s": self.samples / wall if wall > 0 else 0.0,
+                "compute_samples_per_s": self.samples / self.compute_s if self.compute_s > 0 else 0.0}

@@ -29,7 +29,7 @@ from .ds_setup import after_skipped_step, build_ds_config, init_distributed, ini
 from .faults import first_line, is_collective_failure
 from .gradcache import gradcache_backward
 from .metrics_log import MetricsLog
-from .progress import Progress, wants_bar
+from .progress import Progress, ThroughputWindow, wants_bar
 from .run_summary import write_summary
 from .tracking import build_trackers
 from .model_outputs import as_tuple, with_vector_logit_params
@@ -77,6 +77,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.skipped_steps = self.nonfinite_streak = self.skipped_samples = 0
         self.progress: Progress | None = None
+        self.throughput = ThroughputWindow()
         self.stopping = False
         self._pending_rng: dict | None = None
         self.data_consumed: dict[int, int] = {}  # loader role -> raw samples it delivered this epoch
@@ -120,9 +121,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         base_lr = cfg.optim.lr
         # Our schedule through a LambdaLR, so DeepSpeed steps it with the optimizer and checkpoints it.
+        warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, total_steps=self.total_steps, warmup_steps=cfg.optim.warmup_steps,
-            base_lr=base_lr, min_lr=cfg.optim.min_lr) / base_lr)
+            step, total_steps=self.total_steps, warmup_steps=warmup, base_lr=base_lr, min_lr=cfg.optim.min_lr) / base_lr)
         self.ds_config = build_ds_config(cfg, self.env.world_size)
         # grad_clip: fp32 at ZeRO-0, where we clip with the norm our non-finite test computes anyway.
         self.engine, self.optimizer, self.scheduler, self.grad_clip = initialize(model, optimizer, scheduler,
@@ -139,6 +140,10 @@ class Trainer:
         """Run until ``total_steps`` (or a stop signal); then save, export and evaluate."""
         log.info("training %d steps (%d per epoch, contrastive batch %d)", self.total_steps, self.steps_per_epoch,
                  self.contrastive_batch)
+        left_out = self.data.num_samples - self.steps_per_epoch * self.contrastive_batch
+        if left_out:
+            log.info("%d of the epoch's %d samples are left out of each epoch (the last, partial batch)", left_out,
+                     self.data.num_samples)
         started, start_step = time.perf_counter(), self.step
         self._start_watching()
         try:
@@ -162,6 +167,15 @@ class Trainer:
             self._stop_watching()
 
     @property
+    def warmup_steps(self) -> int:
+        optim = self.cfg.optim
+        steps = round(optim.warmup_fraction * self.total_steps) if optim.warmup_fraction > 0 else optim.warmup_steps
+        if steps * 2 > self.total_steps:
+            log.warning("warmup is %d of the run's %d steps: the learning rate peaks after half the run; "
+                        "for a short run set optim.warmup_fraction (e.g. 0.1)", steps, self.total_steps)
+        return steps
+
+    @property
     def contrastive_batch(self) -> int:
         return self.cfg.data.batch_size * self.cfg.train.accum_steps * self.env.world_size
 
@@ -169,6 +183,7 @@ class Trainer:
         """The progress bar and the trackers of log.report_to, on rank 0."""
         bar = self.env.is_main and wants_bar(self.cfg.log.progress, self.env.world_size)
         self.progress = Progress(self.total_steps, self.step, bar)
+        self.throughput.reset()
         self.metrics.printer = self.progress.write
         if self.env.is_main:
             self.metrics.trackers = build_trackers(self.cfg, self.run_dir)
@@ -183,7 +198,7 @@ class Trainer:
         if not self.env.is_main:
             return
         steps = self.step - start_step
-        totals = {"steps": self.step, "total_steps": self.total_steps, "epochs": self.epoch,
+        totals = {"steps": self.step, "total_steps": self.total_steps, "epochs": self.step / self.steps_per_epoch,
                   "resumed_from_step": start_step, "contrastive_batch": self.contrastive_batch,
                   "train_time_s": train_time, "wall_time_s": wall_time,
                   "mean_samples_per_s": steps * self.contrastive_batch / train_time if train_time > 0 else 0.0,
@@ -223,15 +238,20 @@ class Trainer:
         self.skipped_samples += metrics.get("skipped", 0)
         if self.progress is not None:
             self.progress.step_done()
+        self.throughput.add_step(metrics.pop("samples"), metrics.pop("step_s"))
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps or metrics.get("skipped_step"):
             timing = self.progress.fields(self.step) if self.progress is not None else {}
-            self.metrics.write({"step": self.step, "epoch": self.epoch, **self._host_metrics(metrics), **timing})
+            self.metrics.write({"step": self.step, "epoch": self.epoch, **self._host_metrics(metrics),
+                                **self.throughput.rates(), **timing})
+            self.throughput.reset()
+        side_task_started = time.perf_counter()
         if every_steps and self.step % every_steps == 0 and not metrics.get("skipped_step"):
             self.save()
         if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
             results = self.evaluate(retrieval=False)
             if results:
                 self.metrics.write({"step": self.step, **results})
+        self.throughput.pause(time.perf_counter() - side_task_started)
 
     def _host_metrics(self, metrics: dict) -> dict:
         """Logging steps only: the device values averaged over ranks and read once, plus the logit
@@ -252,7 +272,7 @@ class Trainer:
             self._skip_step()
         samples = sum(b["text"].shape[0] for b in micro_batches) * self.env.world_size
         # Device tensors stay on the device: they are read on the host only on logging steps.
-        return {**metrics, "loss": loss, "lr": lr, "samples_per_s": samples / (time.perf_counter() - started),
+        return {**metrics, "loss": loss, "lr": lr, "samples": samples, "step_s": time.perf_counter() - started,
                 "skipped": sum(b["skipped"] for b in micro_batches), "skipped_steps": self.skipped_steps,
                 **({} if applied else {"skipped_step": True})}
 
@@ -464,19 +484,21 @@ class Trainer:
             return {}
         return {int(role): int(n) for role, n in saved["consumed"].items()}
 
-    def export(self, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """``RUN/export`` in open_clip's format, from the same fp32 masters as the checkpoint."""
+    def export(self, weights: dict[str, torch.Tensor] | None = None, checkpoint: Path | None = None) -> None:
+        """``RUN/export`` in open_clip's format, from the same fp32 masters as the checkpoint; with
+        the checkpoint just saved, its weights file is linked, not written a second time."""
         self.phase = "export"
-        weights = self.master_weights() if weights is None else weights
+        weights = self.master_weights() if weights is None and checkpoint is None else weights
         if self.env.is_main:
             info = self.model_info()
-            export_model(weights, info["model_cfg"], info["preprocess_cfg"], self.run_dir / "export")
+            export_model(weights, info["model_cfg"], info["preprocess_cfg"], self.run_dir / "export",
+                         weights_file=ckpt.weights_file(checkpoint) if checkpoint is not None else None)
         _barrier()
 
     def finish(self) -> dict:
         weights = self.master_weights()
-        self.save(weights)
-        self.export(weights)
+        checkpoint = self.save(weights)  # rank 0: the checkpoint; None elsewhere, or if it was not saved
+        self.export(weights, checkpoint)
         results = self.evaluate()
         if results:
             self.metrics.write({"step": self.step, **results})

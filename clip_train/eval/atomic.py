@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ..file_modes import respect_umask
+
 
 def atomic_write(path, write: Callable[[Any], None], binary: bool = False) -> Path:
     """Run write(file) on a temporary file beside `path`, then move it over `path` in one step."""
@@ -17,7 +19,7 @@ def atomic_write(path, write: Callable[[Any], None], binary: bool = False) -> Pa
         # newline="" because the csv module writes its own line endings.
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
             write(f)
-        os.replace(tmp, path)
+        os.replace(respect_umask(Path(tmp)), path)
     except BaseException:
         os.unlink(tmp)
         raise

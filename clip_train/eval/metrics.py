@@ -44,7 +44,7 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float 
         return None
     top = logits.topk(k, dim=1, largest=True, sorted=True).indices
     hits = (top == targets.view(-1, 1)).any(dim=1)
-    return hits.float().mean().item()
+    return hits.double().mean().item()  # float64: 222/360 is 0.6166666666666667, not 0.6166666746
 
 
 def mean_per_class_recall(predictions: torch.Tensor, targets: torch.Tensor) -> float:
@@ -56,7 +56,7 @@ def mean_per_class_recall(predictions: torch.Tensor, targets: torch.Tensor) -> f
     recalls = []
     for cls in torch.unique(targets):
         of_class = targets == cls
-        recalls.append((predictions[of_class] == cls).float().mean())
+        recalls.append((predictions[of_class] == cls).double().mean())
     return torch.stack(recalls).mean().item()
 
 
@@ -116,9 +116,9 @@ def retrieval_metrics(
     metrics = {}
     for k in recall_k_list:
         metrics[f"image_retrieval_recall@{k}"] = (
-            _hits_at_k(scores, caption_hits, k, chunk_size).float().mean().item()
+            _hits_at_k(scores, caption_hits, k, chunk_size).double().mean().item()
         )
         metrics[f"text_retrieval_recall@{k}"] = (
-            _hits_at_k(scores.t(), image_hits, k, chunk_size).float().mean().item()
+            _hits_at_k(scores.t(), image_hits, k, chunk_size).double().mean().item()
         )
     return metrics
