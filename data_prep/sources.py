@@ -374,7 +374,7 @@ def parquet_source(spec: SourceSpec) -> Iterator[SourceItem]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(spec.input)
+        table = pq.ParquetFile(spec.input, pre_buffer=False)  # no async reads left behind at exit (below)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise SourceError(f"cannot read {spec.input} as Parquet: {error}") from None
     _check_columns(spec, table.schema_arrow.names)
@@ -385,9 +385,9 @@ def _parquet_items(spec: SourceSpec, table) -> Iterator[SourceItem]:
     media = spec.url_column or spec.path_column
     columns = list(dict.fromkeys([media, spec.caption_column, *spec.additional_columns]))
     index = 0
-    # use_threads=False: the job is parallel over processes already, and Arrow's thread pool, still
-    # running at interpreter exit, can abort a finished job ("terminate called without an active
-    # exception", apache/arrow#34314).
+    # No pre-buffering and use_threads=False: the job is parallel over processes already, and an
+    # Arrow I/O or CPU thread still holding a Python buffer at interpreter exit aborts a finished
+    # job ("terminate called without an active exception", apache/arrow#34314).
     try:
         for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, use_threads=False):
             for record in batch.to_pylist():

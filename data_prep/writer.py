@@ -341,9 +341,10 @@ def _write_rejects(store: Store, shards: Iterable[int]) -> None:
     columns = ["key", "status", "reason", "error_message", "source", "url"]
     with open(partial, "w", encoding="utf-8") as rejects:
         for index in shards:
-            # ParquetFile, not read_table: read_table's dataset scanner leaves threads that can abort the
-            # process at exit ("terminate called without an active exception", apache/arrow#34314).
-            with store.open(parquet_name(index)) as parquet, pq.ParquetFile(parquet) as table:
+            # ParquetFile without pre-buffering, not read_table: an Arrow thread still holding this Python
+            # file's buffer at interpreter exit aborts the process ("terminate called without an active
+            # exception", apache/arrow#34314; seen in a Ray driver).
+            with store.open(parquet_name(index)) as parquet, pq.ParquetFile(parquet, pre_buffer=False) as table:
                 rows = table.read(columns=columns, use_threads=False).to_pylist()
             for row in rows:
                 if row["status"] == SUCCESS:

@@ -36,6 +36,7 @@ def run(demo_dataset, tmp_path_factory):
     old_mask = os.umask(0o022)
     try:
         assert train_main(["--config", DEMO_CONFIG, f"data.train={demo_dataset}/train", f"output_dir={run_dir}",
+                           "eval.zeroshot=", "eval.retrieval=",
                            f"data.batch_size={BATCH}", "data.workers=0", f"train.steps={STEPS}",
                            f"train.log_every={LOG_EVERY}", "optim.warmup_steps=2", "checkpoint.every_steps=3",
                            "checkpoint.keep=0"]) == 0

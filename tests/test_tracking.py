@@ -17,7 +17,7 @@ STEPS = 12
 
 
 def train_args(demo, run_dir, *extra):
-    return ["--config", DEMO_CONFIG, f"data.train={demo}/train", f"eval.zeroshot={demo}/test",
+    return ["--config", DEMO_CONFIG, f"data.train={demo}/train", f"eval.zeroshot={demo}/test", "eval.retrieval=",
             f"output_dir={run_dir}", "data.batch_size=32", f"train.steps={STEPS}", "train.log_every=1",
             "optim.warmup_steps=2", "eval.every=6", "eval.batch_size=128", "checkpoint.every_steps=0", *extra]
 
