@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engine.run_summary import eval_values, is_train_record, read_metrics
-
-# Logged with every step but not curves of the objective.
-_NOT_LOSSES = {"step", "epoch", "lr", "samples_per_s", "compute_samples_per_s", "skipped", "skipped_steps", "logit_scale", "logit_bias",
-               "elapsed_s", "eta_s"}
+from .engine.run_summary import eval_values, is_train_record, loss_terms, read_metrics
 
 
 def _loss_keys(train: list[dict]) -> list[str]:
     """loss and each term (a term's own diagnostics, ``contrastive/pos_logit_mean``, are left out)."""
-    keys = {k for r in train for k, v in r.items() if k not in _NOT_LOSSES and "/" not in k
-            and isinstance(v, (int, float))}
+    keys = {k for r in train for k, v in loss_terms(r).items() if isinstance(v, (int, float))}
     return ["loss", *sorted(keys - {"loss"})] if "loss" in keys else sorted(keys)
 
 

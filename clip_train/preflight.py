@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -88,14 +87,14 @@ def _check_eval_sets(cfg: Config) -> None:
 def _check_resume(cfg: Config, resume: str | None) -> None:
     if not resume:
         return
-    from .engine.checkpoint import CheckpointError, resolve_checkpoint
+    from .engine.checkpoint import CheckpointError, ranks_saved, resolve_checkpoint
+    from .engine.distributed import detect_env
 
     with _reported_as(f"--resume {resume}", CheckpointError):
         path = resolve_checkpoint(Path(cfg.output_dir), resume)
     # Each rank's data position and random state are in the checkpoint: another world size would
     # change the contrastive batch (world size x batch) and lose them.
-    saved_ranks = len(list(path.glob("rng_rank*.pt")))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    saved_ranks, world_size = ranks_saved(path), detect_env().world_size
     if saved_ranks and saved_ranks != world_size:
         raise ConfigError(f"--resume {resume}: {path} was written by {saved_ranks} rank(s) (contrastive batch "
                           f"{saved_ranks} x {cfg.data.batch_size} x {cfg.train.accum_steps}), this launch has "

@@ -69,6 +69,11 @@ def write_rank_state(directory: Path, rank: int, data_position: dict | None = No
     torch.save({**rng_state(), "data_position": data_position}, Path(directory) / f"rng_rank{rank}.pt")
 
 
+def ranks_saved(directory: Path) -> int:
+    """How many ranks wrote the checkpoint: one ``rng_rank{R}.pt`` each (``write_rank_state``)."""
+    return len(list(Path(directory).glob("rng_rank*.pt")))
+
+
 def read_rank_state(directory: Path, rank: int) -> dict:
     return _load_weights_only(Path(directory) / f"rng_rank{rank}.pt")
 

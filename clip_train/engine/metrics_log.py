@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .progress import duration
+from .run_summary import loss_terms
 from .tracking import scalars
 
 # Shown as durations on the console; the JSON keeps the seconds.
@@ -51,7 +52,7 @@ class MetricsLog:
         if "loss" not in record:
             return "  ".join([step, *(_fmt(k, v) for k, v in record.items() if k != "step")])
         parts = [step, f"epoch {record.get('epoch')}", f"loss {_num(record['loss'])}"]
-        terms = {k: v for k, v in record.items() if k not in _NOT_TERMS and "/" not in k and k != "loss"}
+        terms = {k: v for k, v in loss_terms(record).items() if k != "loss"}
         if len(terms) > 1:
             parts.append("(" + ", ".join(f"{k} {_num(v)}" for k, v in terms.items()) + ")")
         parts += [f"lr {_num(record.get('lr'))}", f"scale {_num(record.get('logit_scale'))}"]
@@ -67,11 +68,6 @@ class MetricsLog:
             if isinstance(record.get(key), float):
                 parts.append(f"{key[:-2]} {duration(record[key])}")
         return "  ".join(parts)
-
-
-# Logged with every training step but not loss terms.
-_NOT_TERMS = {"step", "epoch", "lr", "logit_scale", "logit_bias", "samples_per_s", "compute_samples_per_s",
-              "skipped", "skipped_steps", *_DURATIONS}
 
 
 def _num(value) -> str:

@@ -13,13 +13,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+# Logged with every training step but not the loss or one of its terms.
+TRAIN_FIELDS = frozenset({"step", "epoch", "lr", "logit_scale", "logit_bias", "samples_per_s", "compute_samples_per_s",
+                          "skipped", "skipped_steps", "elapsed_s", "eta_s"})
+
+
 def is_train_record(record: dict) -> bool:
     return "loss" in record
 
 
+def numeric_values(record: dict) -> dict[str, float]:
+    """A record's numbers (not booleans), but its step."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def eval_values(record: dict) -> dict[str, float]:
     """An evaluation record's metrics (every one of them: higher is better)."""
-    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return numeric_values(record)
+
+
+def loss_terms(record: dict) -> dict:
+    """A training record's objective terms, the total ``loss`` included (a non-finite one is None
+    in metrics.jsonl); a term's own diagnostics (``contrastive/pos_logit_mean``) are left out."""
+    return {k: v for k, v in record.items() if k not in TRAIN_FIELDS and "/" not in k}
 
 
 def best_evals(records: list[dict]) -> dict[str, dict[str, Any]]:

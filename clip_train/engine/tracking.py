@@ -11,12 +11,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .run_summary import numeric_values
+
 
 def scalars(record: dict) -> dict[str, float]:
     """The numeric, finite values of a record, but its step."""
-    return {key: float(value) for key, value in record.items()
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)}
+    return {key: float(value) for key, value in numeric_values(record).items() if math.isfinite(value)}
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:
