@@ -82,3 +82,19 @@ def test_a_safe_change_is_applied_and_the_saved_config_is_the_base(demo_dataset,
     assert steps == [2, 4, 5, 6]
     saved = load_config(run_dir / "config.yaml")
     assert (saved.train.steps, saved.train.log_every, saved.data.batch_size) == (6, 1, 32)
+
+
+def test_the_world_size_check_reads_the_launch_as_the_trainer_does(tmp_path, monkeypatch):
+    from clip_train.config import ConfigError
+    from clip_train.preflight import _check_resume
+
+    run_dir = saved_run(tmp_path, ranks=2)
+    cfg = load_config(run_dir / "config.yaml")
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # srun with two tasks: two ranks, like the checkpoint
+    _check_resume(cfg, "latest")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(ConfigError, match="written by 2 rank"):
+        _check_resume(cfg, "latest")
